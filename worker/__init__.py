@@ -1,0 +1,5 @@
+"""segstream: asynchronous instance-segmentation stream worker."""
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

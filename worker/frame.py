@@ -1,0 +1,44 @@
+"""The unit that flows from sources to sinks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Frame"]
+
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame from a source.
+
+    Attributes:
+        source_id: id of the source in the pipeline file.
+        frame_number: 0-based counter per source (for MQTT: order of arrival).
+        timestamp: capture time, Unix seconds (the camera/publisher's clock when known,
+            else the time the frame was read).
+        image: ``(H, W, 3)`` uint8 BGR image.
+        frame_id: stable id of the frame, used as ``parent_id`` of predictions
+            (MQTT ``frame_id`` when given, else ``"<source_id>:<frame_number>"``).
+        parameters: per-frame bindings of the workflow's ``$inputs.*`` (MQTT JSON payloads).
+        received_monotonic: ``time.monotonic()`` when the worker got the frame.
+    """
+
+    source_id: str
+    frame_number: int
+    timestamp: float
+    image: np.ndarray
+    frame_id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    received_monotonic: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if not self.frame_id:
+            self.frame_id = f"{self.source_id}:{self.frame_number}"
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(
+                f"Frame.image must be (H, W, 3) uint8 BGR, got shape {self.image.shape} dtype {self.image.dtype}"
+            )

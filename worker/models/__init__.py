@@ -1,0 +1,1 @@
+"""Model packages and inference backends."""
