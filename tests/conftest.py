@@ -1,0 +1,27 @@
+"""Session-wide fixtures: real services on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.mosquitto import MosquittoBroker
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A fresh mosquitto broker on a free 127.0.0.1 port for one test (stop/restart allowed)."""
+    broker = MosquittoBroker(tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> str:
+    """A topic prefix named after the test, so tests never see each other's messages."""
+    return "segstream-test/" + request.node.name.replace("[", "_").replace("]", "_")
