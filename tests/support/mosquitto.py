@@ -50,6 +50,9 @@ class MosquittoBroker:
         lines = [
             f"listener {self.port} {self.host}",
             "persistence false",
+            # started as root (CI), mosquitto would drop to the 'mosquitto' user, which cannot read
+            # files in the test's private temporary folder; as non-root this line has no effect
+            "user root",
             "max_queued_messages 100000",
             "max_inflight_messages 100",
             "log_type error",
