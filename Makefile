@@ -1,0 +1,42 @@
+# segstream: the two quick-start commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test lint bench venv system clean
+
+$(VENV)/.stamp-runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-runtime
+	$(PIP) install -q -e '.[test,training]'
+	touch $@
+
+venv: $(VENV)/.stamp-runtime
+
+system:
+	bash scripts/install-system-deps.sh
+
+## The main job on the embedded default: bundled model + bundled clip, no external service.
+demo: $(VENV)/.stamp-runtime
+	$(VENV)/bin/segstream run pipelines/demo.yaml
+
+## Everything the tests need (Python packages, mosquitto, GStreamer RTSP server), then the tests.
+test: $(VENV)/.stamp-test system
+	$(PY) -m pytest
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.stamp-test
+	$(PY) -m benchmarks.postprocess
+	$(PY) -m benchmarks.model
+	$(PY) -m benchmarks.throughput
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

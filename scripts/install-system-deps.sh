@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Debian packages the integration tests need: mosquitto (MQTT broker) and GStreamer's RTSP server
+# (run with the system Python, /usr/bin/python3, which can import Debian's `gi`).
+# Installs only what is missing; needs root (or sudo) and apt-get.
+set -euo pipefail
+
+pkgs=(mosquitto python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+      gstreamer1.0-plugins-ugly)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if ! command -v apt-get >/dev/null; then
+  echo "missing system packages (${missing[*]}) and no apt-get: install them by hand" >&2
+  exit 1
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+# Debian starts a system-wide mosquitto on port 1883; the tests start their own on free ports.
