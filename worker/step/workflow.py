@@ -1,0 +1,402 @@
+"""Workflow definitions: inputs, steps, outputs, in the Workflows JSON shape.
+
+::
+
+    {"version": "1.0",
+     "inputs": [{"type": "WorkflowImage", "name": "image"},
+                {"type": "WorkflowParameter", "name": "confidence", "default_value": 0.4}],
+     "steps": [{"type": "roboflow_core/roboflow_instance_segmentation_model@v4", "name": "seg",
+                "images": "$inputs.image", "model_id": "factory-parts/1",
+                "confidence_mode": "custom", "custom_confidence": "$inputs.confidence"}],
+     "outputs": [{"type": "JsonField", "name": "predictions", "selector": "$steps.seg.predictions"}]}
+
+:func:`load_workflow` reads one from a dict, a JSON string, or a JSON/YAML file, and checks at load
+time what can be checked then: field types and ranges, duplicate names, selectors that point nowhere
+(a missing input or step, an output the step's version does not produce), ``images`` not pointing at
+the ``WorkflowImage`` input, parameters bound to an image input, and each ``default_value`` against
+every field it binds. Any problem is a :class:`~worker.errors.ConfigError` with ``.step`` and
+``.field`` set (``.step`` is ``None`` for a problem outside the steps).
+
+Per frame, :func:`resolve_step_parameters` turns a step's selectors into values; the control topic
+checks new input values with :func:`validate_runtime_inputs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from worker.errors import ConfigError, ParameterError
+from worker.step.manifests import (
+    STEP_TAGS,
+    InstanceSegmentationStep,
+    StepDefinition,
+    serializes_rle,
+    step_errors,
+    step_outputs,
+)
+from worker.step.parameters import ResolvedStepParameters, resolve_step_parameters
+
+__all__ = [
+    "JsonField",
+    "ResolvedStepParameters",
+    "WorkflowDefinition",
+    "WorkflowImage",
+    "WorkflowParameter",
+    "WorkflowVideoMetadata",
+    "load_workflow",
+    "resolve_step_parameters",
+    "serializes_rle",
+    "step_outputs",
+    "validate_runtime_inputs",
+    "validate_workflow",
+]
+
+_NAME_RE: Final = r"^[^.\s$]+$"
+_STEP_SELECTOR_RE: Final = re.compile(r"\$steps\.([^.\s$]+)\.([^.\s$]+|\*)")
+
+Name = Annotated[str, Field(pattern=_NAME_RE, description="Unique name; no '.', '$' or spaces.")]
+# ``kind`` is written by the Workflows UI; it only types the input for the editor, so it is kept
+# for round trips and otherwise ignored.
+Kind = list[str | dict[str, Any]] | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkflowImage(_Strict):
+    """The frame's image (alias ``InferenceImage``). A workflow has exactly one."""
+
+    type: Literal["WorkflowImage", "InferenceImage"]
+    name: Name
+    kind: Kind = None
+
+
+class WorkflowParameter(_Strict):
+    """A run-time value (alias ``InferenceParameter``) that step fields bind with ``$inputs.<name>``.
+
+    ``default_value`` applies when a frame does not set the input; an input whose
+    ``default_value`` is absent has no default (an explicit ``null`` is a default of ``None``).
+    """
+
+    type: Literal["WorkflowParameter", "InferenceParameter"]
+    name: Name
+    kind: Kind = None
+    default_value: Any = None
+
+    @property
+    def has_default(self) -> bool:
+        """Whether ``default_value`` was given (even as ``null``)."""
+        return "default_value" in self.model_fields_set
+
+
+class WorkflowVideoMetadata(_Strict):
+    """Video metadata of the frame (fps, frame number); declared for compatibility, not bindable."""
+
+    type: Literal["WorkflowVideoMetadata"]
+    name: Name
+    kind: Kind = None
+
+
+def _input_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, Mapping) else getattr(value, "type", None)
+    return (
+        {
+            "WorkflowImage": "image",
+            "InferenceImage": "image",
+            "WorkflowParameter": "parameter",
+            "InferenceParameter": "parameter",
+            "WorkflowVideoMetadata": "video_metadata",
+        }.get(kind)
+        if isinstance(kind, str)
+        else None
+    )
+
+
+WorkflowInput = Annotated[
+    Annotated[WorkflowImage, Tag("image")]
+    | Annotated[WorkflowParameter, Tag("parameter")]
+    | Annotated[WorkflowVideoMetadata, Tag("video_metadata")],
+    Discriminator(
+        _input_tag,
+        custom_error_type="unsupported_input_type",
+        custom_error_message="unsupported input type; supported types: WorkflowImage (InferenceImage), "
+        "WorkflowParameter (InferenceParameter), WorkflowVideoMetadata",
+    ),
+]
+_INPUT_TAGS: Final = frozenset({"image", "parameter", "video_metadata"})
+
+
+class JsonField(_Strict):
+    """An output: ``selector`` is ``$steps.<step>.<output>`` or ``$steps.<step>.*`` (all outputs)."""
+
+    type: Literal["JsonField"]
+    name: Name
+    selector: Annotated[str, Field(pattern=_STEP_SELECTOR_RE.pattern)]
+    coordinates_system: Literal["own", "parent"] = "own"
+
+    @property
+    def step_name(self) -> str:
+        """The step the selector reads."""
+        return self.selector.split(".")[1]
+
+    @property
+    def step_output(self) -> str | None:
+        """The output the selector reads, or ``None`` for ``*`` (all of the step's outputs)."""
+        output = self.selector.split(".")[2]
+        return None if output == "*" else output
+
+
+def _fail(message: str, *, step: str | None, field: str) -> PydanticCustomError:
+    return PydanticCustomError("workflow_reference", message, {"step": step, "field": field})
+
+
+class WorkflowDefinition(_Strict):
+    """A validated workflow. Build it with :func:`load_workflow` to get :class:`ConfigError`\\ s."""
+
+    version: str = "1.0"
+    inputs: list[WorkflowInput]
+    steps: Annotated[list[StepDefinition], Field(min_length=1)]
+    outputs: Annotated[list[JsonField], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _check_references(self) -> WorkflowDefinition:
+        for section, items in (("inputs", self.inputs), ("steps", self.steps), ("outputs", self.outputs)):
+            seen: dict[str, int] = {}
+            for index, item in enumerate(items):
+                if item.name in seen:
+                    raise _fail(
+                        f"duplicate {section[:-1]} name {item.name!r} ({section}[{seen[item.name]}] "
+                        f"and {section}[{index}])",
+                        step=item.name if section == "steps" else None,
+                        field=f"{section}[{index}].name",
+                    )
+                seen[item.name] = index
+        images = [item for item in self.inputs if isinstance(item, WorkflowImage)]
+        if len(images) != 1:
+            raise _fail(
+                f"a workflow needs exactly one WorkflowImage input (the frame), found {len(images)}",
+                step=None,
+                field="inputs",
+            )
+        inputs = {item.name: item for item in self.inputs}
+        for step in self.steps:
+            if step.image_input not in inputs:
+                raise _fail(
+                    f"step {step.name!r} field 'images': selector {step.images!r} points at no input "
+                    f"(inputs: {', '.join(inputs)})",
+                    step=step.name,
+                    field="images",
+                )
+            if not isinstance(inputs[step.image_input], WorkflowImage):
+                raise _fail(
+                    f"step {step.name!r} field 'images': {step.images!r} is a "
+                    f"{inputs[step.image_input].type}, not a WorkflowImage",
+                    step=step.name,
+                    field="images",
+                )
+            for field, input_name in step.bindings.items():
+                bound = inputs.get(input_name)
+                if not isinstance(bound, WorkflowParameter):
+                    what = "no input" if bound is None else f"a {bound.type}, not a WorkflowParameter"
+                    raise _fail(
+                        f"step {step.name!r} field {field!r}: $inputs.{input_name} is {what}",
+                        step=step.name,
+                        field=field,
+                    )
+                if bound.has_default:
+                    try:
+                        step.resolver.check_value(field, bound.default_value, input_name)
+                    except ParameterError as exc:
+                        raise _fail(
+                            f"{exc} (the input's default_value)", step=step.name, field=field
+                        ) from None
+        steps = {step.name: step for step in self.steps}
+        for index, output in enumerate(self.outputs):
+            field = f"outputs[{index}].selector"
+            target = steps.get(output.step_name)
+            if target is None:
+                raise _fail(
+                    f"output {output.name!r}: {output.selector!r} points at no step "
+                    f"(steps: {', '.join(steps)})",
+                    step=output.step_name,
+                    field=field,
+                )
+            if output.step_output is not None and output.step_output not in target.outputs:
+                raise _fail(
+                    f"output {output.name!r}: step {target.name!r} ({target.type}) has no output "
+                    f"{output.step_output!r}; its outputs: {', '.join(target.outputs)}",
+                    step=target.name,
+                    field=field,
+                )
+        return self
+
+    @property
+    def image_input(self) -> str:
+        """Name of the one ``WorkflowImage`` input (the frame's image)."""
+        return next(item.name for item in self.inputs if isinstance(item, WorkflowImage))
+
+    @property
+    def parameters(self) -> dict[str, WorkflowParameter]:
+        """The ``WorkflowParameter`` inputs by name."""
+        return {item.name: item for item in self.inputs if isinstance(item, WorkflowParameter)}
+
+    @property
+    def parameter_defaults(self) -> dict[str, Any]:
+        """``{name: default_value}`` of the parameters that have one (the resolver's defaults)."""
+        return {name: item.default_value for name, item in self.parameters.items() if item.has_default}
+
+    @property
+    def input_bindings(self) -> dict[str, list[tuple[str, str]]]:
+        """``{input_name: [(step_name, field), ...]}`` for every parameter (empty list if unbound)."""
+        result: dict[str, list[tuple[str, str]]] = {name: [] for name in self.parameters}
+        for step in self.steps:
+            for field, input_name in step.bindings.items():
+                result[input_name].append((step.name, field))
+        return result
+
+    def step(self, name: str) -> InstanceSegmentationStep:
+        """The step called ``name`` (``KeyError`` if there is none)."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+
+def _config_error(exc: ValidationError, raw: Any) -> ConfigError:
+    """One :class:`ConfigError` for every error of validating ``raw`` as a workflow."""
+    found: list[tuple[str | None, str, str]] = []
+    raw_steps = raw.get("steps") if isinstance(raw, Mapping) else None
+    for error in exc.errors():
+        loc = error["loc"]
+        if error["type"] == "workflow_reference":
+            ctx = error.get("ctx") or {}
+            found.append((ctx.get("step"), str(ctx.get("field")), str(error["msg"])))
+        elif len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            raw_step = raw_steps[loc[1]] if isinstance(raw_steps, list) else None
+            found.extend(step_errors([{**error, "loc": loc[2:]}], raw_step))
+        else:
+            parts = [p for p in loc if not (isinstance(p, str) and (p in _INPUT_TAGS or p in STEP_TAGS))]
+            field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+            value = repr(error["input"])
+            value = value[:77] + "..." if len(value) > 80 else value
+            found.append((None, field or "<workflow>", f"{error['msg']} (got {value})"))
+    step, field, _ = found[0]
+    detail = "; ".join((f"step {s!r} " if s is not None else "") + f"field {f!r}: {m}" for s, f, m in found)
+    return ConfigError(f"invalid workflow: {detail}", step=step, field=field)
+
+
+def validate_workflow(data: Any) -> WorkflowDefinition:
+    """Validate an already parsed definition (a mapping).
+
+    Raises:
+        ConfigError: naming the step (or ``None``) and the field.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a workflow definition must be a mapping, got {type(data).__name__}")
+    try:
+        return WorkflowDefinition.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, data) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys (a silent override hides a typo)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
+        duplicates = {key for key in keys if keys.count(key) > 1}
+        if duplicates:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key(s) {sorted(map(str, duplicates))}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate key(s) {duplicates}")
+    return dict(pairs)
+
+
+def _parse_text(text: str, *, yaml_syntax: bool, origin: str) -> Any:
+    try:
+        if yaml_syntax:
+            return yaml.load(text, Loader=_UniqueKeyLoader)
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except (ValueError, yaml.YAMLError) as exc:
+        syntax = "YAML" if yaml_syntax else "JSON"
+        raise ConfigError(f"{origin}: invalid {syntax}: {exc}") from exc
+
+
+def load_workflow(source: Mapping[str, Any] | str | os.PathLike[str]) -> WorkflowDefinition:
+    """Load and check a workflow definition.
+
+    Args:
+        source: a mapping (e.g. the ``workflow`` section of a pipeline file); a JSON string (starts
+            with ``{``); or a path (``str`` or ``PathLike``) to a ``.json``, ``.yaml`` or ``.yml``
+            file. Blocking file I/O: call it through the thread pool from async code.
+
+    Returns:
+        The validated definition.
+
+    Raises:
+        ConfigError: unreadable file, bad syntax, duplicate keys, or an invalid definition;
+            ``.step`` and ``.field`` name the first problem, the message lists them all.
+    """
+    if isinstance(source, Mapping):
+        return validate_workflow(source)
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        return validate_workflow(_parse_text(source, yaml_syntax=False, origin="workflow JSON"))
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"{path}: a workflow file must end in .json, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the workflow file: {exc}") from exc
+    try:
+        return validate_workflow(_parse_text(text, yaml_syntax=suffix != ".json", origin=str(path)))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}", step=exc.step, field=exc.field) from exc.__cause__
+
+
+def validate_runtime_inputs(workflow: WorkflowDefinition, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check new values of ``$inputs.*`` (e.g. from the control topic) before using them.
+
+    Args:
+        workflow: the loaded workflow.
+        values: ``{input_name: value}``.
+
+    Returns:
+        A new dict of the accepted values, as the steps use them (e.g. ``1`` bound to a float field
+        becomes ``1.0``; the value of the first binding when an input binds several fields).
+
+    Raises:
+        ParameterError: an unknown input, an input that is not a ``WorkflowParameter``, or a value
+            refused by a field it binds (names the step, the field and the input).
+    """
+    parameters = workflow.parameters
+    bindings = workflow.input_bindings
+    accepted: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in parameters:
+            known = ", ".join(parameters) or "none"
+            raise ParameterError(f"unknown workflow input {name!r}; parameter inputs: {known}", field=name)
+        checked = [
+            workflow.step(step).resolver.check_value(field, value, name) for step, field in bindings[name]
+        ]
+        accepted[name] = checked[0] if checked else value
+    return accepted
