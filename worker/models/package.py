@@ -1,0 +1,388 @@
+"""Model packages: where the weights are, and what the model is (classes, input size, padding).
+
+A model package is a folder::
+
+    <models_dir>/<project>/<version>/
+        weights.onnx      YOLOv8/YOLO11-seg layout ONNX model (see below)
+        metadata.json     optional when the ONNX file carries Ultralytics metadata_props
+
+``metadata.json`` schema (``schema_version`` 1; every field optional, unknown fields rejected)::
+
+    {
+      "schema_version": 1,
+      "task": "segment",                       # only "segment" is accepted
+      "class_names": ["bolt", "nut", "washer"],# class names in class-id order
+      "input_size": [640, 640],                # native input size [h, w], multiples of stride
+      "pad_value": 114,                        # letterbox padding value (0..255, all channels)
+      "stride": 32,                            # the model's largest stride
+      "dynamic_input": false,                  # must agree with the ONNX graph when given
+      "recommended_parameters": {              # used by confidence_mode "best"
+        "confidence": 0.45,
+        "per_class_confidence": {"bolt": 0.6}  # keys must be class names
+      },
+      "provenance": {"trained_by": "...", "dataset": "...", "epochs": 50}   # free-form
+    }
+
+An Ultralytics ONNX export carries its metadata in the file's ``metadata_props``: ``names`` (a
+Python dict literal ``"{0: 'person', 1: 'car'}"``), ``imgsz`` (``"[640, 640]"``), ``stride``
+(``"32"``) and ``task`` (``"segment"``). Where both exist, a field of ``metadata.json`` wins over
+the same field of ``metadata_props``. ``dynamic_input`` always comes from the graph.
+
+The model's layout is checked when it is loaded: one input ``[B, 3, h, w]``, one rank-3 output
+``[B, 4 + C + 32, N]`` (C = number of class names) and one rank-4 output ``[B, 32, h/4, w/4]``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worker.errors import ModelError
+from worker.models.signature import (
+    NUM_MASK_COEFFICIENTS,
+    ORT_ERRORS,
+    ModelSignature,
+    check_layout,
+    read_signature,
+)
+
+__all__ = [
+    "DEFAULT_PAD_VALUE",
+    "DEFAULT_STRIDE",
+    "METADATA_FILE",
+    "WEIGHTS_FILE",
+    "ModelMetadata",
+    "ModelPackage",
+    "PackageMetadataFile",
+    "RecommendedParameters",
+    "build_metadata",
+    "load_model_metadata",
+    "locate_package",
+    "parse_ultralytics_metadata",
+    "read_metadata_file",
+]
+
+_DESCRIPTIVE_PROPS = ("author", "date", "version", "license", "description", "docs")
+
+WEIGHTS_FILE = "weights.onnx"
+METADATA_FILE = "metadata.json"
+DEFAULT_PAD_VALUE = 114
+DEFAULT_STRIDE = 32
+
+
+class RecommendedParameters(BaseModel):
+    """Confidence thresholds the model's maker recommends (``confidence_mode: "best"``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    per_class_confidence: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("per_class_confidence")
+    @classmethod
+    def _thresholds_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: t for name, t in value.items() if not 0.0 <= t <= 1.0}
+        if bad:
+            raise ValueError(f"per-class confidences must be in [0, 1], got {bad}")
+        return value
+
+
+class ModelMetadata(BaseModel):
+    """What a segmentation model is: classes, native input size, letterbox padding.
+
+    Attributes:
+        class_names: class names in class-id order (``class_names[i]`` is class id ``i``).
+        input_size: default/native input size ``(h, w)`` in pixels, multiples of ``stride``.
+        pad_value: letterbox padding value (0..255) for all three channels.
+        stride: the model's largest stride; input sizes must be multiples of it.
+        task: always ``"segment"``.
+        recommended_parameters: optional recommended confidence thresholds.
+        dynamic_input: whether the ONNX input has dynamic spatial axes (other input sizes allowed).
+        provenance: free-form description of how the model was made.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    class_names: tuple[str, ...] = Field(min_length=1)
+    input_size: tuple[int, int]
+    pad_value: int = Field(default=DEFAULT_PAD_VALUE, ge=0, le=255)
+    stride: int = Field(default=DEFAULT_STRIDE, gt=0)
+    task: Literal["segment"] = "segment"
+    recommended_parameters: RecommendedParameters | None = None
+    dynamic_input: bool = False
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("class_names")
+    @classmethod
+    def _unique_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not name for name in value):
+            raise ValueError("class names must be non-empty strings")
+        duplicated = sorted({name for name in value if value.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"class names must be unique, duplicated: {duplicated}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelMetadata:
+        h, w = self.input_size
+        if h <= 0 or w <= 0 or h % self.stride or w % self.stride:
+            raise ValueError(
+                f"input_size {self.input_size} must be positive multiples of stride {self.stride}"
+            )
+        if self.recommended_parameters is not None:
+            unknown = sorted(set(self.recommended_parameters.per_class_confidence) - set(self.class_names))
+            if unknown:
+                raise ValueError(f"per_class_confidence names classes the model does not have: {unknown}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self.class_names)
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the predictions output: ``4 + C + 32``."""
+        return 4 + self.num_classes + NUM_MASK_COEFFICIENTS
+
+
+class PackageMetadataFile(BaseModel):
+    """The schema of ``metadata.json`` (all fields optional; see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1
+    task: str | None = None
+    class_names: list[str] | None = None
+    input_size: tuple[int, int] | None = None
+    pad_value: int | None = None
+    stride: int | None = None
+    dynamic_input: bool | None = None
+    recommended_parameters: RecommendedParameters | None = None
+    provenance: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPackage:
+    """Where a model's files are.
+
+    Attributes:
+        weights_path: the ONNX file.
+        metadata_path: the package's ``metadata.json``, or None when there is none.
+        root: the package folder, or None when a bare ``.onnx`` file was given.
+    """
+
+    weights_path: Path
+    metadata_path: Path | None
+    root: Path | None
+
+
+def locate_package(path: str | Path) -> ModelPackage:
+    """Find a model's files: a package folder or a bare ``.onnx`` file.
+
+    Args:
+        path: a folder holding ``weights.onnx`` (and usually ``metadata.json``), or an ``.onnx`` file.
+
+    Returns:
+        The package's paths.
+
+    Raises:
+        ModelError: the path does not exist, or the folder has no ``weights.onnx``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ModelError(f"model package {path} has no {WEIGHTS_FILE}")
+        metadata = path / METADATA_FILE
+        return ModelPackage(weights, metadata if metadata.is_file() else None, path)
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise ModelError(f"{path} is neither a model package folder nor an .onnx file")
+        return ModelPackage(path, None, None)
+    raise ModelError(f"model package {path} does not exist")
+
+
+def read_metadata_file(path: Path) -> dict[str, Any]:
+    """Read and validate a package's ``metadata.json``.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The fields the file sets (unset fields left out), ``schema_version`` dropped.
+
+    Raises:
+        ModelError: the file cannot be read, is not JSON, or does not follow the schema.
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read model metadata {path}: {exc}") from exc
+    try:
+        parsed = PackageMetadataFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(f"invalid model metadata {path}: {_validation_summary(exc)}") from exc
+    fields = parsed.model_dump(exclude_none=True, exclude={"schema_version"})
+    if "recommended_parameters" in fields:
+        fields["recommended_parameters"] = parsed.recommended_parameters
+    return fields
+
+
+def parse_ultralytics_metadata(props: Mapping[str, str]) -> dict[str, Any]:
+    """Turn Ultralytics ``metadata_props`` into :class:`ModelMetadata` fields.
+
+    Args:
+        props: the ONNX file's ``metadata_props`` (all values are strings).
+
+    Returns:
+        The fields found (``class_names``, ``input_size``, ``stride``, ``task``) plus a
+        ``provenance`` dict with the remaining descriptive props (author, date, version...).
+
+    Raises:
+        ModelError: a prop is present but cannot be parsed.
+
+    Example:
+        >>> parse_ultralytics_metadata({"names": "{0: 'a', 1: 'b'}", "imgsz": "[320, 480]"})
+        {'class_names': ['a', 'b'], 'input_size': (320, 480)}
+    """
+    fields: dict[str, Any] = {}
+    if "names" in props:
+        names = _literal(props, "names")
+        if isinstance(names, dict):
+            keys = sorted(names)
+            if keys != list(range(len(keys))):
+                raise ModelError(f"metadata_props 'names' must have class ids 0..C-1, got {keys}")
+            fields["class_names"] = [str(names[k]) for k in keys]
+        elif isinstance(names, list | tuple):
+            fields["class_names"] = [str(n) for n in names]
+        else:
+            raise ModelError(f"metadata_props 'names' must be a dict or list, got {props['names']!r}")
+    if "imgsz" in props:
+        imgsz = _literal(props, "imgsz")
+        if isinstance(imgsz, int):
+            imgsz = [imgsz, imgsz]
+        pair = isinstance(imgsz, list | tuple) and len(imgsz) == 2
+        if not (pair and all(isinstance(v, int) and v > 0 for v in imgsz)):
+            raise ModelError(f"metadata_props 'imgsz' must be [h, w], got {props['imgsz']!r}")
+        fields["input_size"] = (imgsz[0], imgsz[1])
+    if "stride" in props:
+        stride = _literal(props, "stride")
+        if not isinstance(stride, int):
+            raise ModelError(f"metadata_props 'stride' must be an integer, got {props['stride']!r}")
+        fields["stride"] = stride
+    if "task" in props:
+        fields["task"] = props["task"]
+    described = {k: v for k, v in props.items() if k in _DESCRIPTIVE_PROPS}
+    if described:
+        fields["provenance"] = {"metadata_props": described}
+    return fields
+
+
+def build_metadata(
+    signature: ModelSignature,
+    file_fields: Mapping[str, Any] | None,
+    *,
+    source: str,
+) -> ModelMetadata:
+    """Merge ``metadata.json`` over ``metadata_props``, fill in what the graph says, check the layout.
+
+    Args:
+        signature: the graph's interface (and its ``metadata_props``).
+        file_fields: fields from :func:`read_metadata_file`, or None without a metadata file.
+        source: where the model came from, for error messages.
+
+    Returns:
+        The model's metadata.
+
+    Raises:
+        ModelError: metadata missing or invalid, or the graph does not match it.
+    """
+    fields = parse_ultralytics_metadata(signature.metadata_props)
+    file_fields = dict(file_fields or {})
+    if "provenance" in fields and "provenance" in file_fields:
+        file_fields["provenance"] = {**fields["provenance"], **file_fields["provenance"]}
+    fields.update(file_fields)
+
+    graph_size = signature.static_input_size
+    if "dynamic_input" in fields and fields["dynamic_input"] != signature.dynamic_spatial:
+        raise ModelError(
+            f"{source}: metadata says dynamic_input={fields['dynamic_input']} but the ONNX input shape is "
+            f"{list(signature.input_shape)}"
+        )
+    fields["dynamic_input"] = signature.dynamic_spatial
+    if "class_names" not in fields:
+        raise ModelError(
+            f"{source}: no class names: give {METADATA_FILE} 'class_names' or an ONNX file with "
+            "Ultralytics metadata_props 'names'"
+        )
+    if "input_size" not in fields:
+        if graph_size is None:
+            raise ModelError(
+                f"{source}: input size unknown: the ONNX input is dynamic and the metadata has no "
+                "'input_size' (or metadata_props 'imgsz')"
+            )
+        fields["input_size"] = graph_size
+    elif graph_size is not None and tuple(fields["input_size"]) != graph_size:
+        raise ModelError(
+            f"{source}: metadata input_size {list(fields['input_size'])} differs from the ONNX input "
+            f"{list(graph_size)}"
+        )
+    try:
+        metadata = ModelMetadata.model_validate(fields)
+    except ValidationError as exc:
+        raise ModelError(f"{source}: invalid model metadata: {_validation_summary(exc)}") from exc
+    try:
+        check_layout(signature, metadata.num_classes)
+    except ModelError as exc:
+        raise ModelError(f"{source}: {exc}") from exc
+    return metadata
+
+
+def load_model_metadata(path: str | Path) -> ModelMetadata:
+    """Read a model's metadata without preparing it for inference (no graph optimisation).
+
+    Args:
+        path: a package folder or an ``.onnx`` file.
+
+    Returns:
+        The model's metadata (layout checked).
+
+    Raises:
+        ModelError: missing files, unreadable ONNX, bad metadata or a layout mismatch.
+    """
+    package = locate_package(path)
+    file_fields = read_metadata_file(package.metadata_path) if package.metadata_path else None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(
+            str(package.weights_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except ORT_ERRORS as exc:
+        raise ModelError(f"cannot load ONNX model {package.weights_path}: {exc}") from exc
+    return build_metadata(read_signature(session), file_fields, source=str(path))
+
+
+def _literal(props: Mapping[str, str], key: str) -> Any:
+    try:
+        return ast.literal_eval(props[key])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ModelError(f"metadata_props {key!r} is not a Python literal: {props[key]!r}") from exc
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts: list[str] = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(p) for p in error["loc"]) or "<root>"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)

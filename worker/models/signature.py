@@ -1,0 +1,168 @@
+"""The ONNX graph's interface (inputs, outputs, metadata_props) and the YOLOv8-seg layout check."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from worker.errors import ModelError
+
+__all__ = [
+    "NUM_MASK_COEFFICIENTS",
+    "ORT_ERRORS",
+    "Dim",
+    "ModelSignature",
+    "check_layout",
+    "read_signature",
+]
+
+NUM_MASK_COEFFICIENTS = 32
+
+#: exceptions ONNX Runtime raises for bad models and failed runs (they do not share a base class)
+ORT_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    ValueError,
+    OSError,
+    *(
+        getattr(_ort_state, name)
+        for name in (
+            "Fail",
+            "InvalidArgument",
+            "NoSuchFile",
+            "NoModel",
+            "EngineError",
+            "RuntimeException",
+            "InvalidProtobuf",
+            "ModelLoaded",
+            "NotImplemented",
+            "InvalidGraph",
+            "EPFail",
+        )
+        if hasattr(_ort_state, name)
+    ),
+)
+
+#: one dimension of an ONNX tensor shape: an int when fixed, a name or None when dynamic
+Dim = int | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    """The ONNX graph's interface as a runtime sees it.
+
+    Attributes:
+        input_name: name of the image input.
+        input_shape: shape of the image input, e.g. ``("batch", 3, 640, 640)``.
+        output_names: names of the outputs, in graph order.
+        output_shapes: shapes of the outputs, in graph order.
+        metadata_props: the ONNX file's ``metadata_props``.
+    """
+
+    input_name: str
+    input_shape: tuple[Dim, ...]
+    output_names: tuple[str, ...]
+    output_shapes: tuple[tuple[Dim, ...], ...]
+    metadata_props: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether the batch axis of the input is dynamic."""
+        return not isinstance(self.input_shape[0], int)
+
+    @property
+    def static_batch(self) -> int | None:
+        """The fixed batch size of the input, or None when dynamic."""
+        dim = self.input_shape[0]
+        return dim if isinstance(dim, int) else None
+
+    @property
+    def dynamic_spatial(self) -> bool:
+        """Whether either spatial axis of the input is dynamic."""
+        return len(self.input_shape) != 4 or not all(isinstance(d, int) for d in self.input_shape[2:])
+
+    @property
+    def static_input_size(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the input when both are fixed, else None."""
+        if len(self.input_shape) != 4:
+            return None
+        h, w = self.input_shape[2], self.input_shape[3]
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+    def output_index(self, rank: int) -> int:
+        """Index of the only output with the given rank.
+
+        Raises:
+            ModelError: when no output or several outputs have that rank.
+        """
+        found = [i for i, shape in enumerate(self.output_shapes) if len(shape) == rank]
+        if len(found) != 1:
+            raise ModelError(
+                f"expected exactly one rank-{rank} output, got outputs "
+                f"{dict(zip(self.output_names, self.output_shapes, strict=True))}"
+            )
+        return found[0]
+
+
+def read_signature(session: ort.InferenceSession) -> ModelSignature:
+    """Read a session's interface: its single input, its outputs and its ``metadata_props``.
+
+    Raises:
+        ModelError: the graph does not have exactly one input.
+    """
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"model must have exactly one input, got {[i.name for i in inputs]}")
+    outputs = session.get_outputs()
+    return ModelSignature(
+        input_name=inputs[0].name,
+        input_shape=_as_dims(inputs[0].shape),
+        output_names=tuple(o.name for o in outputs),
+        output_shapes=tuple(_as_dims(o.shape) for o in outputs),
+        metadata_props=dict(session.get_modelmeta().custom_metadata_map),
+    )
+
+
+def check_layout(signature: ModelSignature, num_classes: int) -> tuple[int, int]:
+    """Check that a graph has the YOLOv8-seg layout for ``num_classes`` classes.
+
+    Dimensions that the graph leaves dynamic cannot be checked here; the backend checks the
+    actual outputs of every run as well.
+
+    Args:
+        signature: the graph's interface.
+        num_classes: C, the number of class names.
+
+    Returns:
+        ``(predictions_index, prototypes_index)``: which output is which.
+
+    Raises:
+        ModelError: the input is not ``[B, 3, h, w]``, or the outputs are not
+            ``[B, 4 + C + 32, N]`` and ``[B, 32, h/4, w/4]``.
+    """
+    shape = signature.input_shape
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        raise ModelError(f"model input {signature.input_name!r} must be [B, 3, h, w], got {list(shape)}")
+    pred_index = signature.output_index(3)
+    proto_index = signature.output_index(4)
+    channels = signature.output_shapes[pred_index][1]
+    expected = 4 + num_classes + NUM_MASK_COEFFICIENTS
+    if isinstance(channels, int) and channels != expected:
+        raise ModelError(
+            f"model output {signature.output_names[pred_index]!r} has {channels} channels but "
+            f"{num_classes} class names need 4 + {num_classes} + {NUM_MASK_COEFFICIENTS} = {expected}"
+        )
+    proto_channels = signature.output_shapes[proto_index][1]
+    if isinstance(proto_channels, int) and proto_channels != NUM_MASK_COEFFICIENTS:
+        raise ModelError(
+            f"model output {signature.output_names[proto_index]!r} must have {NUM_MASK_COEFFICIENTS} "
+            f"prototype channels, got {proto_channels}"
+        )
+    return pred_index, proto_index
+
+
+def _as_dims(shape: Sequence[Any]) -> tuple[Dim, ...]:
+    return tuple(d if isinstance(d, int) or d is None else str(d) for d in shape)
