@@ -342,12 +342,15 @@ def step_errors(errors: Iterable[ErrorDetails], raw: Any) -> list[tuple[str | No
         elif error["type"] == "custom_confidence_required":
             loc = ["custom_confidence"]
         # drop pydantic's per-type tags of a union ("list[...]", "function-wrap[...]")
-        field = ".".join(str(part) for part in loc if "[" not in str(part))
+        parts = [part for part in loc if "[" not in str(part)]
+        field = str(parts[0]) if parts else "<step>"
         if error["type"] == "unsupported_step_type":
             message = f"unsupported step type {step_type!r}; supported types: {_SUPPORTED}"
         else:
             message = _explain({**error, "loc": tuple(loc)}, step_type)
-        result.append((name if isinstance(name, str) else None, field or "<step>", message))
+        if len(parts) > 1:  # inside a list: say which item
+            message = "".join(f"[{part}]" for part in parts[1:]) + f" {message}"
+        result.append((name if isinstance(name, str) else None, field, message))
     return result
 
 

@@ -243,6 +243,20 @@ class StepResolver:
                 field=field,
             ) from None
 
+    @staticmethod
+    def refusal(field: str, value: Any) -> str | None:
+        """Why ``field`` refuses ``value``, or ``None`` if it accepts it.
+
+        Example:
+            >>> StepResolver.refusal("max_detections", 0)
+            'Input should be greater than 0 (got 0)'
+        """
+        try:
+            _ADAPTERS[field].validate_python(value)
+        except ValidationError as exc:
+            return describe_validation_error(exc)
+        return None
+
     def resolve(
         self, defaults: Mapping[str, Any], frame_parameters: Mapping[str, Any]
     ) -> ResolvedStepParameters:

@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from worker.errors import ConfigError, ParameterError
@@ -136,12 +145,20 @@ WorkflowInput = Annotated[
 _INPUT_TAGS: Final = frozenset({"image", "parameter", "video_metadata"})
 
 
+def _check_output_selector(value: Any) -> str:
+    if not (isinstance(value, str) and _STEP_SELECTOR_RE.fullmatch(value)):
+        raise PydanticCustomError(
+            "output_selector", "an output selector must be '$steps.<step>.<output>' or '$steps.<step>.*'"
+        )
+    return value
+
+
 class JsonField(_Strict):
     """An output: ``selector`` is ``$steps.<step>.<output>`` or ``$steps.<step>.*`` (all outputs)."""
 
     type: Literal["JsonField"]
     name: Name
-    selector: Annotated[str, Field(pattern=_STEP_SELECTOR_RE.pattern)]
+    selector: Annotated[str, PlainValidator(_check_output_selector)]
     coordinates_system: Literal["own", "parent"] = "own"
 
     @property
@@ -192,15 +209,13 @@ class WorkflowDefinition(_Strict):
         for step in self.steps:
             if step.image_input not in inputs:
                 raise _fail(
-                    f"step {step.name!r} field 'images': selector {step.images!r} points at no input "
-                    f"(inputs: {', '.join(inputs)})",
+                    f"selector {step.images!r} points at no input (inputs: {', '.join(inputs)})",
                     step=step.name,
                     field="images",
                 )
             if not isinstance(inputs[step.image_input], WorkflowImage):
                 raise _fail(
-                    f"step {step.name!r} field 'images': {step.images!r} is a "
-                    f"{inputs[step.image_input].type}, not a WorkflowImage",
+                    f"{step.images!r} is a {inputs[step.image_input].type}, not a WorkflowImage",
                     step=step.name,
                     field="images",
                 )
@@ -209,17 +224,17 @@ class WorkflowDefinition(_Strict):
                 if not isinstance(bound, WorkflowParameter):
                     what = "no input" if bound is None else f"a {bound.type}, not a WorkflowParameter"
                     raise _fail(
-                        f"step {step.name!r} field {field!r}: $inputs.{input_name} is {what}",
+                        f"$inputs.{input_name} is {what}",
                         step=step.name,
                         field=field,
                     )
-                if bound.has_default:
-                    try:
-                        step.resolver.check_value(field, bound.default_value, input_name)
-                    except ParameterError as exc:
-                        raise _fail(
-                            f"{exc} (the input's default_value)", step=step.name, field=field
-                        ) from None
+                refusal = step.resolver.refusal(field, bound.default_value) if bound.has_default else None
+                if refusal is not None:
+                    raise _fail(
+                        f"the default_value of $inputs.{input_name} is refused: {refusal}",
+                        step=step.name,
+                        field=field,
+                    )
         steps = {step.name: step for step in self.steps}
         for index, output in enumerate(self.outputs):
             field = f"outputs[{index}].selector"
