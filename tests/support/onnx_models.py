@@ -99,6 +99,7 @@ def build_segmentation_model(
     prototype_gain: Sequence[float] | np.ndarray | None = None,
     metadata_props: Mapping[str, str] | None = None,
     output_channels: int | None = None,
+    hide_channel_count: bool = False,
 ) -> onnx.ModelProto:
     """Build a YOLOv8-seg layout ONNX model whose outputs are known.
 
@@ -117,6 +118,8 @@ def build_segmentation_model(
         metadata_props: ONNX ``metadata_props`` to store (see :func:`ultralytics_metadata_props`).
         output_channels: declare and emit this many ``output0`` channels instead of ``4 + C + 32``
             (for layout-mismatch tests); the candidates are cut or zero-padded to it.
+        hide_channel_count: make ``output0``'s channel axis dynamic (a runtime reshape), so a
+            runtime cannot know the channel count before running the model.
 
     Returns:
         A checked ``onnx.ModelProto`` (opset 17).
@@ -178,15 +181,22 @@ def build_segmentation_model(
         helper.make_node("Concat", ["batch", "proto_channels", "proto_hw"], ["proto_shape"], axis=0),
         helper.make_node("Expand", ["proto_one", "proto_shape"], ["proto_base"]),
     ]
+    pred_out = "pred_raw" if hide_channel_count else "output0"
     if gain is None:
-        nodes.append(helper.make_node("Identity", ["pred_base"], ["output0"]))
+        nodes.append(helper.make_node("Identity", ["pred_base"], [pred_out]))
     else:
         inits.append(numpy_helper.from_array(gain[None], "input_gain"))
         nodes += [
             helper.make_node("ReduceMean", ["images"], ["frame_mean4"], axes=[1, 2, 3], keepdims=1),
             helper.make_node("Squeeze", ["frame_mean4", "i2"], ["frame_mean"]),  # [B, 1, 1]
             helper.make_node("Mul", ["frame_mean", "input_gain"], ["pred_delta"]),
-            helper.make_node("Add", ["pred_base", "pred_delta"], ["output0"]),
+            helper.make_node("Add", ["pred_base", "pred_delta"], [pred_out]),
+        ]
+    if hide_channel_count:
+        inits.append(numpy_helper.from_array(np.array([-1, count], np.int64), "hidden_tail"))
+        nodes += [
+            helper.make_node("Concat", ["batch", "hidden_tail"], ["hidden_shape"], axis=0),
+            helper.make_node("Reshape", ["pred_raw", "hidden_shape"], ["output0"]),
         ]
     if prototype_gain is None:
         nodes.append(helper.make_node("Identity", ["proto_base"], ["output1"]))
@@ -204,7 +214,11 @@ def build_segmentation_model(
         "yolov8_seg_test_model",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch_dim, 3, h_dim, w_dim])],
         [
-            helper.make_tensor_value_info("output0", TensorProto.FLOAT, [batch_dim, channels, count]),
+            helper.make_tensor_value_info(
+                "output0",
+                TensorProto.FLOAT,
+                [batch_dim, "channels" if hide_channel_count else channels, count],
+            ),
             helper.make_tensor_value_info(
                 "output1", TensorProto.FLOAT, [batch_dim, NUM_COEFFICIENTS, ph_dim, pw_dim]
             ),

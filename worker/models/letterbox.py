@@ -6,8 +6,9 @@ padded with ``pad_value``. Left/top padding is ``(w - new_w) // 2`` / ``(h - new
 same as Ultralytics' ``LetterBox(center=True)``. A box in input pixels maps back to the frame by
 removing the padding, dividing by the scale and clipping to the frame.
 
-The BGR to RGB swap, the division by 255 and HWC to CHW happen in one vectorised multiply per
-channel, written straight into the (pre-allocated) batch slot: no full-frame float copy is made.
+The BGR to RGB swap, the division by 255 (bit-equal to ``x / 255``) and HWC to CHW happen in one
+vectorised step per channel, written straight into the (pre-allocated) batch slot: no full-frame
+float copy is made.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 __all__ = ["LetterboxInfo", "compute_letterbox", "letterbox", "letterbox_batch"]
 
-_INV_255 = np.float32(1.0 / 255.0)
+_255 = np.float32(255.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +203,7 @@ def letterbox(
     x0, y0 = info.pad_x, info.pad_y
     x1, y1 = x0 + new_w, y0 + new_h
 
-    pad = np.float32(pad_value) * _INV_255
+    pad = np.float32(pad_value) / _255
     out[:, :y0, :] = pad
     out[:, y1:, :] = pad
     out[:, y0:y1, :x0] = pad
@@ -214,7 +215,7 @@ def letterbox(
         resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     blue, green, red = cv2.split(resized)
     for channel, plane in enumerate((red, green, blue)):
-        np.multiply(plane, _INV_255, out=out[channel, y0:y1, x0:x1], casting="unsafe")
+        np.divide(plane, _255, out=out[channel, y0:y1, x0:x1], casting="unsafe")
     return out, info
 
 

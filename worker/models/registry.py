@@ -70,6 +70,12 @@ def validate_model_id(model_id: object) -> tuple[str, str]:
             "'.', '_', '-' (starting with a letter or digit)",
             model_id=model_id,
         )
+    if parts[1].lower().endswith(".onnx"):
+        raise InvalidModelIdError(
+            f"invalid model_id {model_id!r}: a model_id names a package 'project/version', not an .onnx "
+            "file (load files with ModelRegistry.load_path / the CLI's model path option)",
+            model_id=model_id,
+        )
     return parts[0], parts[1]
 
 
