@@ -34,6 +34,7 @@ def test_metadata_from_package_folder(tmp_path: Path) -> None:
         stride=32,
         recommended_parameters={"confidence": 0.45, "per_class_confidence": {"nut": 0.7}},
         provenance={"dataset": "synthetic-v2", "epochs": 40},
+        metrics={"mask_map50": 0.9},
     )
     folder = write_model_package(
         tmp_path / "parts" / "1", build_segmentation_model(3, input_size=(64, 96)), doc
@@ -47,6 +48,7 @@ def test_metadata_from_package_folder(tmp_path: Path) -> None:
         confidence=0.45, per_class_confidence={"nut": 0.7}
     )
     assert metadata.provenance == {"dataset": "synthetic-v2", "epochs": 40}
+    assert metadata.metrics == {"mask_map50": 0.9}
     assert metadata.dynamic_input is False
 
 
@@ -187,6 +189,15 @@ def test_locate_package(tmp_path: Path) -> None:
 def test_model_metadata_is_frozen_and_strict() -> None:
     metadata = ModelMetadata(class_names=("a",), input_size=(64, 64))
     with pytest.raises(ValueError, match="frozen"):
-        metadata.pad_value = 0  # type: ignore[misc]
+        metadata.pad_value = 0
     with pytest.raises(ValueError, match="extra"):
         ModelMetadata(class_names=("a",), input_size=(64, 64), colour="red")  # type: ignore[call-arg]
+
+
+def test_channel_count_hidden_by_dynamic_axes_is_checked_on_a_probe_run(tmp_path: Path) -> None:
+    model = build_segmentation_model(2, hide_channel_count=True, dynamic_spatial=True)
+    ok = write_model_package(tmp_path / "ok", model, package_metadata(["a", "b"], (64, 64)))
+    assert load_model_metadata(ok).num_classes == 2
+    bad = write_model_package(tmp_path / "bad", model, package_metadata(NAMES, (64, 64)))
+    with pytest.raises(ModelError, match=r"predictions output has shape \(1, 38, 1\)"):
+        load_model_metadata(bad)

@@ -23,10 +23,10 @@ from worker.errors import ModelError
 from worker.models.letterbox import LetterboxInfo, letterbox_batch
 from worker.models.package import ModelMetadata, build_metadata, locate_package, read_metadata_file
 from worker.models.signature import (
-    NUM_MASK_COEFFICIENTS,
     ORT_ERRORS,
     ModelSignature,
     check_layout,
+    check_outputs,
     read_signature,
 )
 
@@ -215,20 +215,17 @@ class OnnxSegmentationModel:
             predictions, prototypes = self._session.run(names, {self.input_name: feed})
         except ORT_ERRORS as exc:
             raise ModelError(f"{self._source}: inference failed: {exc}", model_id=self.model_id) from exc
-        count = batch.shape[0]
-        channels = self.metadata.num_channels
-        if predictions.ndim != 3 or predictions.shape[:2] != (count, channels):
-            raise ModelError(
-                f"{self._source}: predictions output has shape {predictions.shape}, expected "
-                f"({count}, {channels}, N) for {self.num_classes} classes",
-                model_id=self.model_id,
+        try:
+            check_outputs(
+                predictions,
+                prototypes,
+                batch=batch.shape[0],
+                num_classes=self.num_classes,
+                source=self._source,
             )
-        if prototypes.ndim != 4 or prototypes.shape[:2] != (count, NUM_MASK_COEFFICIENTS):
-            raise ModelError(
-                f"{self._source}: prototypes output has shape {prototypes.shape}, expected "
-                f"({count}, {NUM_MASK_COEFFICIENTS}, h/4, w/4)",
-                model_id=self.model_id,
-            )
+        except ModelError as exc:
+            exc.model_id = self.model_id
+            raise
         return (
             np.asarray(predictions, dtype=np.float32),
             np.asarray(prototypes, dtype=np.float32),

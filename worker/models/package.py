@@ -20,7 +20,8 @@ A model package is a folder::
         "confidence": 0.45,
         "per_class_confidence": {"bolt": 0.6}  # keys must be class names
       },
-      "provenance": {"trained_by": "...", "dataset": "...", "epochs": 50}   # free-form
+      "provenance": {"trained_by": "...", "dataset": "...", "epochs": 50},  # free-form
+      "metrics": {"mask_map50": 0.91}          # free-form evaluation results
     }
 
 An Ultralytics ONNX export carries its metadata in the file's ``metadata_props``: ``names`` (a
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -50,6 +52,7 @@ from worker.models.signature import (
     ORT_ERRORS,
     ModelSignature,
     check_layout,
+    check_outputs,
     read_signature,
 )
 
@@ -106,6 +109,7 @@ class ModelMetadata(BaseModel):
         recommended_parameters: optional recommended confidence thresholds.
         dynamic_input: whether the ONNX input has dynamic spatial axes (other input sizes allowed).
         provenance: free-form description of how the model was made.
+        metrics: free-form evaluation results (e.g. mAP on a held-out set).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -118,6 +122,7 @@ class ModelMetadata(BaseModel):
     recommended_parameters: RecommendedParameters | None = None
     dynamic_input: bool = False
     provenance: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("class_names")
     @classmethod
@@ -167,6 +172,7 @@ class PackageMetadataFile(BaseModel):
     dynamic_input: bool | None = None
     recommended_parameters: RecommendedParameters | None = None
     provenance: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +355,9 @@ def build_metadata(
 def load_model_metadata(path: str | Path) -> ModelMetadata:
     """Read a model's metadata without preparing it for inference (no graph optimisation).
 
+    The layout is checked on the graph and, for the dimensions the graph leaves dynamic (a
+    PyTorch export's channel axis often is), on one small padding-only run.
+
     Args:
         path: a package folder or an ``.onnx`` file.
 
@@ -370,7 +379,20 @@ def load_model_metadata(path: str | Path) -> ModelMetadata:
         )
     except ORT_ERRORS as exc:
         raise ModelError(f"cannot load ONNX model {package.weights_path}: {exc}") from exc
-    return build_metadata(read_signature(session), file_fields, source=str(path))
+    signature = read_signature(session)
+    metadata = build_metadata(signature, file_fields, source=str(path))
+    height, width = (metadata.stride, metadata.stride) if metadata.dynamic_input else metadata.input_size
+    batch = signature.static_batch or 1
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    probe = np.full((batch, 3, height, width), metadata.pad_value / 255.0, dtype)
+    pred_index, proto_index = check_layout(signature, metadata.num_classes)
+    names = [signature.output_names[pred_index], signature.output_names[proto_index]]
+    try:
+        predictions, prototypes = session.run(names, {signature.input_name: probe})
+    except ORT_ERRORS as exc:
+        raise ModelError(f"{path}: the model fails on a padding-only input: {exc}") from exc
+    check_outputs(predictions, prototypes, batch=batch, num_classes=metadata.num_classes, source=str(path))
+    return metadata
 
 
 def _literal(props: Mapping[str, str], key: str) -> Any:

@@ -17,6 +17,7 @@ __all__ = [
     "Dim",
     "ModelSignature",
     "check_layout",
+    "check_outputs",
     "read_signature",
 ]
 
@@ -162,6 +163,33 @@ def check_layout(signature: ModelSignature, num_classes: int) -> tuple[int, int]
             f"prototype channels, got {proto_channels}"
         )
     return pred_index, proto_index
+
+
+def check_outputs(predictions: Any, prototypes: Any, *, batch: int, num_classes: int, source: str) -> None:
+    """Check the arrays one run produced (covers the dimensions a graph leaves dynamic).
+
+    Args:
+        predictions: the rank-3 output, expected ``(batch, 4 + C + 32, N)``.
+        prototypes: the rank-4 output, expected ``(batch, 32, ph, pw)``.
+        batch: frames in the run.
+        num_classes: C.
+        source: the model, for the error message.
+
+    Raises:
+        ModelError: a shape does not match.
+    """
+    channels = 4 + num_classes + NUM_MASK_COEFFICIENTS
+    if predictions.ndim != 3 or predictions.shape[:2] != (batch, channels):
+        raise ModelError(
+            f"{source}: predictions output has shape {predictions.shape}, expected "
+            f"({batch}, {channels}, N) for {num_classes} classes "
+            f"(4 + {num_classes} + {NUM_MASK_COEFFICIENTS})"
+        )
+    if prototypes.ndim != 4 or prototypes.shape[:2] != (batch, NUM_MASK_COEFFICIENTS):
+        raise ModelError(
+            f"{source}: prototypes output has shape {prototypes.shape}, expected "
+            f"({batch}, {NUM_MASK_COEFFICIENTS}, h/4, w/4)"
+        )
 
 
 def _as_dims(shape: Sequence[Any]) -> tuple[Dim, ...]:
