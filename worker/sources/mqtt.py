@@ -1,0 +1,294 @@
+"""Frames that arrive as MQTT messages (aiomqtt, MQTT v5 unless the broker config says 3.1.1).
+
+Payloads: raw JPEG/PNG bytes, or JSON with a base64 image, ``frame_id``, ``timestamp`` and
+``parameters`` (bound to the workflow's ``$inputs.*`` for that frame); see ``worker.sources.decode``.
+The payload size is checked on arrival, then parsing and decoding (header pixel check first) run in a
+``BlockingPool`` thread, never on the event loop. A payload that fails is reported once through
+``on_error`` (reason ``decode_error`` or ``oversize``), counted in ``frames_dropped_total``, and the
+next message goes on.
+
+Nothing silently lost (QoS 1, ``every_frame``):
+
+- *Manual acknowledgement.* A QoS 1 message is acknowledged (PUBACK) only after its frame is in the
+  ``FrameQueue`` (or after its error was reported). Under ``every_frame`` a full queue makes
+  ``queue.put`` wait, so this source stops taking messages and stops acknowledging.
+- *Flow control.* The CONNECT packet carries MQTT v5 ``Receive Maximum = receive_maximum``: the broker
+  sends at most that many unacknowledged QoS 1 messages and keeps the rest queued in the session. The
+  client's incoming queue (``max_queued_incoming_messages``) is twice that, so it cannot overflow from
+  QoS 1 traffic; should it ever overflow (QoS 0 traffic, or a 3.1.1 broker whose own in-flight limit
+  is larger), aiomqtt discards the message and this source counts it as
+  ``frames_dropped_total{reason="mqtt_queue_full"}`` — an unacknowledged QoS 1 message discarded that
+  way is delivered again by the broker when the session reconnects.
+- *Persistent session.* A stable client id, ``clean_start=False`` and a session expiry interval make
+  the broker keep the subscription and queue QoS 1 frames while the worker is disconnected; they are
+  delivered (with unacknowledged in-flight ones) after it reconnects. Delivery is at-least-once: a frame
+  queued but not yet processed when the worker dies is not redelivered (it was acknowledged).
+
+aiomqtt 2.5 has no public switch for manual acknowledgement or Receive Maximum, so
+``_configure_flow_control`` sets them on the client's paho client and CONNECT properties; it is the
+only place that touches aiomqtt internals.
+
+Shared subscription: with ``shared_group`` the source subscribes to ``$share/<group>/<topic>``, so
+several workers in the group split one frame topic. Each instance needs its own client id (the default
+adds the host name, i.e. the pod name). Under Kubernetes Deployments keep ``session_expiry_s`` short:
+a departed pod's session can hold frames the broker assigned to it until the session expires.
+
+The broker connection is retried around the ``async with`` with capped, jittered backoff
+(``BrokerConfig.reconnect_min_s`` / ``reconnect_max_s``); every retry counts
+``reconnects_total{target="broker:source"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any, Literal
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.concurrency import BlockingPool
+from worker.errors import FrameDecodeError
+from worker.frame import Frame
+from worker.messages import ErrorReport
+from worker.mqtt import BrokerConfig, make_client
+from worker.queues import FramePolicy, FrameQueue, QueueClosed
+from worker.sources.base import Backoff, ErrorCallback
+from worker.sources.decode import decode_image, parse_payload
+from worker.sources.video import SOURCE_ID_PATTERN
+from worker.telemetry import NullTelemetry, Telemetry
+
+__all__ = ["MAX_PAYLOAD_BYTES_LIMIT", "MqttSource", "MqttSourceConfig"]
+
+log = logging.getLogger(__name__)
+
+#: hard upper bound of ``max_payload_bytes`` (MQTT itself allows 256 MiB)
+MAX_PAYLOAD_BYTES_LIMIT = 128 * 1024 * 1024
+
+
+class MqttSourceConfig(BaseModel):
+    """Frames from an MQTT topic. The broker comes from the pipeline's ``broker`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["mqtt"] = "mqtt"
+    id: str = Field(pattern=SOURCE_ID_PATTERN)
+    topic: str = Field(min_length=1, pattern=r"^[^$].*", description="frames topic (wildcards allowed)")
+    shared_group: str | None = Field(
+        None, pattern=r"^[^/+#]+$", description="subscribe as $share/<group>/<topic>"
+    )
+    qos: Literal[0, 1] = 1
+    policy: FramePolicy = "every_frame"
+    queue_size: int = Field(8, ge=1, le=4096)
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=MAX_PAYLOAD_BYTES_LIMIT)
+    max_image_pixels: int = Field(40_000_000, ge=1, le=500_000_000)
+    client_id: str | None = Field(
+        None, min_length=1, max_length=128, description="default: <broker prefix>-<id>-<hostname>"
+    )
+    session_expiry_s: int = Field(600, ge=0, le=7 * 24 * 3600)
+    receive_maximum: int = Field(16, ge=1, le=1024, description="unacknowledged QoS 1 frames in flight")
+
+    @property
+    def subscription(self) -> str:
+        """The topic filter subscribed to (with the ``$share/<group>/`` prefix when shared)."""
+        return f"$share/{self.shared_group}/{self.topic}" if self.shared_group else self.topic
+
+
+def _counting_queue(telemetry: Telemetry, source_id: str) -> type[asyncio.Queue[aiomqtt.Message]]:
+    class CountingQueue(asyncio.Queue[aiomqtt.Message]):
+        """aiomqtt's incoming queue; counts what aiomqtt discards when it is full."""
+
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            try:
+                super().put_nowait(item)
+            except asyncio.QueueFull:
+                telemetry.frame_dropped(source_id, "mqtt_queue_full")
+                raise
+
+    return CountingQueue
+
+
+def _configure_flow_control(client: aiomqtt.Client, *, v5: bool, receive_maximum: int) -> None:
+    """Manual PUBACKs, and (v5) Receive Maximum on CONNECT. aiomqtt 2.5 exposes neither."""
+    client._client.manual_ack_set(True)
+    if v5:
+        properties = client._properties
+        if properties is None:
+            properties = Properties(PacketTypes.CONNECT)
+            client._properties = properties
+        properties.ReceiveMaximum = receive_maximum
+
+
+def _decode(payload: bytes, max_bytes: int, max_pixels: int) -> tuple[Any, Any]:
+    parsed = parse_payload(payload, max_bytes=max_bytes)
+    try:
+        return parsed, decode_image(parsed.image, max_pixels=max_pixels)
+    except FrameDecodeError as exc:
+        exc.frame_id = parsed.frame_id
+        raise
+
+
+class MqttSource:
+    """Subscribes to a frames topic and puts each decoded frame into the source's queue."""
+
+    def __init__(
+        self,
+        config: MqttSourceConfig,
+        broker: BrokerConfig,
+        *,
+        telemetry: Telemetry | None = None,
+        on_error: ErrorCallback | None = None,
+        pipeline: str = "",
+        decode_pool: BlockingPool | None = None,
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.telemetry: Telemetry = telemetry or NullTelemetry()
+        self.on_error = on_error
+        self.pipeline = pipeline
+        self._pool = decode_pool
+        self._own_pool = decode_pool is None
+        self._frame_number = 0
+        self._stop_requested = asyncio.Event()
+        self.client_id = (
+            config.client_id
+            or (f"{broker.client_id or 'segstream'}-{config.id}-{socket.gethostname()}"[:128])
+        )
+
+    @property
+    def source_id(self) -> str:
+        return self.config.id
+
+    async def stop(self) -> None:
+        self._stop_requested.set()
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self.config
+        client = make_client(
+            self.broker,
+            identifier=self.client_id,
+            clean_start=False,
+            session_expiry_s=cfg.session_expiry_s or None,
+            max_queued_incoming_messages=2 * cfg.receive_maximum,
+            queue_type=_counting_queue(self.telemetry, cfg.id),
+        )
+        _configure_flow_control(client, v5=self.broker.protocol == "5", receive_maximum=cfg.receive_maximum)
+        return client
+
+    async def run(self, queue: FrameQueue) -> None:
+        if self._pool is None:
+            self._pool = BlockingPool(f"source[{self.source_id}].decode", 1)
+        backoff = Backoff(self.broker.reconnect_min_s, self.broker.reconnect_max_s)
+        stop_wait = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            while not self._stop_requested.is_set():
+                session = asyncio.ensure_future(self._session(queue, backoff))
+                session.set_name(f"source[{self.source_id}].mqtt")
+                done, _ = await asyncio.wait({session, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if session not in done:  # stop requested: leave the broker cleanly
+                    session.cancel()
+                    await asyncio.wait({session})
+                    return
+                if session.result():  # the queue was closed under us
+                    return
+                self.telemetry.reconnect("broker:source")
+                delay = backoff.next_delay()
+                await asyncio.wait({stop_wait}, timeout=delay)
+        finally:
+            stop_wait.cancel()
+            queue.close()
+            self.telemetry.source_connected(self.source_id, False)
+            if self._own_pool and self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+
+    async def _session(self, queue: FrameQueue, backoff: Backoff) -> bool:
+        """One broker connection. True: stop for good (queue closed); False: reconnect."""
+        cfg = self.config
+        try:
+            async with self._make_client() as client:
+                options = SubscribeOptions(qos=cfg.qos, retainHandling=1)
+                if self.broker.protocol == "5":
+                    granted = await client.subscribe(cfg.subscription, options=options)
+                else:
+                    granted = await client.subscribe(cfg.subscription, qos=cfg.qos)
+                codes = [int(getattr(code, "value", code)) for code in granted]
+                if any(code >= 0x80 for code in codes):
+                    log.error(
+                        "source %s: broker refused subscription to %s", self.source_id, cfg.subscription
+                    )
+                    return False
+                self.telemetry.source_connected(self.source_id, True)
+                backoff.reset()
+                log.info(
+                    "source %s: subscribed to %s as %s", self.source_id, cfg.subscription, self.client_id
+                )
+                async for message in client.messages:
+                    if not await self._handle(client, message, queue):
+                        return True
+        except aiomqtt.MqttError as exc:
+            log.warning("source %s: broker connection lost (%s); reconnecting", self.source_id, exc)
+        finally:
+            self.telemetry.source_connected(self.source_id, False)
+        return False
+
+    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message, queue: FrameQueue) -> bool:
+        """Decode one message and queue its frame; False if the queue is closed."""
+        assert self._pool is not None
+        number = self._frame_number
+        self._frame_number += 1
+        self.telemetry.frame_received(self.source_id)
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            payload = str(payload).encode() if payload is not None else b""
+        try:
+            if len(payload) > self.config.max_payload_bytes:  # before copying it to a thread
+                parse_payload(payload, max_bytes=self.config.max_payload_bytes)
+            parsed, image = await self._pool.run(
+                _decode, bytes(payload), self.config.max_payload_bytes, self.config.max_image_pixels
+            )
+        except FrameDecodeError as exc:
+            self._report(exc, number, str(message.topic))
+            self._ack(client, message)
+            return True
+        frame = Frame(
+            source_id=self.source_id,
+            frame_number=number,
+            timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
+            image=image,
+            frame_id=parsed.frame_id or "",
+            parameters=parsed.parameters,
+        )
+        try:
+            await queue.put(frame)
+        except QueueClosed:
+            return False
+        self._ack(client, message)
+        return True
+
+    @staticmethod
+    def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        if message.qos > 0:
+            client._client.ack(message.mid, message.qos)
+
+    def _report(self, exc: FrameDecodeError, number: int, topic: str) -> None:
+        self.telemetry.frame_dropped(self.source_id, exc.reason)
+        log.warning(
+            "source %s: frame %d on %s dropped: %s (%s)", self.source_id, number, topic, exc, exc.reason
+        )
+        if self.on_error is not None:
+            self.on_error(
+                ErrorReport(
+                    pipeline=self.pipeline,
+                    source_id=self.source_id,
+                    reason=exc.reason,
+                    message=f"{topic}: {exc}",
+                    frame_id=exc.frame_id or f"{self.source_id}:{number}",
+                    frame_number=number,
+                )
+            )
