@@ -61,10 +61,10 @@ def errors() -> ErrorSink:
     return ErrorSink()
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds (generous: loaded CI)."""
-    deadline = time.monotonic() + timeout
+async def wait_for(condition: Callable[[], bool], within_s: float = 20.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it is true; fail after ``within_s`` seconds (generous: loaded CI)."""
+    deadline = time.monotonic() + within_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
         await asyncio.sleep(0.02)

@@ -166,7 +166,9 @@ async def test_max_fps_skips_frames_and_counts_them(tmp_path: Path) -> None:
     assert telemetry.dropped[("cap", "max_fps")] == 10 - len(consumer.frames)
 
 
-async def test_missing_file_is_reported_once_and_retried_until_stopped(tmp_path: Path, errors: ErrorSink) -> None:
+async def test_missing_file_is_reported_once_and_retried_until_stopped(
+    tmp_path: Path, errors: ErrorSink
+) -> None:
     telemetry = RecordingTelemetry()
     cfg = VideoSourceConfig(
         id="nofile", url=str(tmp_path / "missing.mp4"), reconnect_min_s=0.02, reconnect_max_s=0.05

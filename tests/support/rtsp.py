@@ -111,7 +111,8 @@ class RtspServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"RTSP server exited with {self._proc.returncode}: {self.log_path.read_text()}")
+                output = self.log_path.read_text()
+                raise RuntimeError(f"RTSP server exited with {self._proc.returncode}: {output}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return
