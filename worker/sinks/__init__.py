@@ -1,0 +1,26 @@
+"""Where results go: MQTT (bounded outbox, status topic), JSON Lines files, stdout, memory (tests)."""
+
+from worker.sinks.base import DEFAULT_CLOSE_TIMEOUT_S, Sink, TopicTemplate
+from worker.sinks.factory import SINK_REGISTRY, SinkConfig, build_sink
+from worker.sinks.lines import JsonlSink, JsonlSinkConfig, StdoutSink, StdoutSinkConfig
+from worker.sinks.memory import MemorySink
+from worker.sinks.mqtt import MqttSink, MqttSinkConfig
+from worker.sinks.outbox import Outbox, OutgoingMessage
+
+__all__ = [
+    "DEFAULT_CLOSE_TIMEOUT_S",
+    "SINK_REGISTRY",
+    "JsonlSink",
+    "JsonlSinkConfig",
+    "MemorySink",
+    "MqttSink",
+    "MqttSinkConfig",
+    "Outbox",
+    "OutgoingMessage",
+    "Sink",
+    "SinkConfig",
+    "StdoutSink",
+    "StdoutSinkConfig",
+    "TopicTemplate",
+    "build_sink",
+]

@@ -1,0 +1,401 @@
+"""MQTT sink: results and error reports to templated topics, through a bounded outbox, with a status topic.
+
+Delivery: ``publish_result`` / ``publish_error`` only put the message into the ``Outbox`` (never wait for
+the network). One publisher task per connection drains it in order, at most ``max_inflight`` publishes
+at a time, and a message leaves the outbox only when ``aiomqtt.Client.publish`` returned. In aiomqtt 2.5
+``publish(qos=1)`` returns when paho's ``on_publish`` fires, which for QoS 1 is on PUBACK (QoS 2: PUBCOMP);
+if the connection breaks first, the call never returns on its own, so a watch task iterating
+``client.messages`` (which raises ``MqttError`` on disconnection) ends the connection's ``TaskGroup`` and
+every unacknowledged message is sent again on the next connection. Each connection uses a fresh client
+object, so paho never re-sends anything by itself: the outbox is the one source of truth. Delivery is
+**at least once**: a message whose PUBACK was lost with the connection arrives twice.
+
+Durability: the outbox lives in memory; it survives broker restarts and network outages (bounded by
+``outbox_size``, oldest dropped first and counted), not a restart of the worker process.
+
+Connection loop: the ``async with client`` is wrapped in a loop with capped, jittered exponential backoff
+(``BrokerConfig.reconnect_min_s`` .. ``reconnect_max_s``), as in aiomqtt's ``docs/reconnection.md``; each
+new attempt counts ``reconnect("broker:sink")`` and ``broker_connected`` follows the state.
+
+Status: on every connect the sink publishes a retained JSON ``{"status": "online", ...}`` to the status topic
+(default ``segstream/{pipeline}/status``); its Last Will is a retained ``{"status": "offline", "reason":
+"connection_lost"}``, which the broker publishes if the worker vanishes without a DISCONNECT; ``close()``
+publishes a retained ``offline`` itself and disconnects cleanly (no Will). Several replicas of one pipeline
+should use ``{worker}`` in ``status_topic`` so that they do not overwrite each other's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from typing import Any, Literal
+
+import aiomqtt
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker.errors import SinkError
+from worker.messages import ErrorReport, FrameResult
+from worker.mqtt import BrokerConfig, make_client
+from worker.sinks.base import DEFAULT_CLOSE_TIMEOUT_S, SinkContextMixin, TopicTemplate
+from worker.sinks.outbox import Outbox, OutgoingMessage
+from worker.telemetry import NullTelemetry, Telemetry
+
+__all__ = ["MqttSink", "MqttSinkConfig"]
+
+log = logging.getLogger(__name__)
+
+RESULT_FIELDS = ("pipeline", "source", "step")
+ERROR_FIELDS = ("pipeline", "source")
+STATUS_FIELDS = ("pipeline", "worker")
+
+
+class MqttSinkConfig(BaseModel):
+    """``type: mqtt`` in a pipeline file's ``sinks``; the broker itself is the pipeline's ``broker``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["mqtt"] = "mqtt"
+    name: str = Field("mqtt", pattern=r"^[A-Za-z0-9_.-]+$")
+    topic: str = Field(
+        "segstream/{pipeline}/{source}/predictions", description="placeholders: {pipeline} {source} {step}"
+    )
+    error_topic: str = Field("segstream/{pipeline}/errors", description="placeholders: {pipeline} {source}")
+    status_topic: str = Field("segstream/{pipeline}/status", description="placeholders: {pipeline} {worker}")
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = Field(False, description="retain result messages (status is always retained)")
+    outbox_size: int = Field(10_000, ge=1, le=10_000_000, description="messages kept while undelivered")
+    max_inflight: int = Field(32, ge=1, le=65_535, description="publishes awaiting acknowledgement at once")
+    ack_timeout_s: float = Field(30.0, gt=0, description="a publish unacknowledged this long: reconnect")
+    max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=268_435_455)
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        TopicTemplate(value, RESULT_FIELDS)
+        return value
+
+    @field_validator("error_topic")
+    @classmethod
+    def _check_error_topic(cls, value: str) -> str:
+        TopicTemplate(value, ERROR_FIELDS)
+        return value
+
+    @field_validator("status_topic")
+    @classmethod
+    def _check_status_topic(cls, value: str) -> str:
+        TopicTemplate(value, STATUS_FIELDS)
+        return value
+
+
+class MqttSink(SinkContextMixin):
+    """Publish results and error reports to an MQTT broker (see the module docstring for guarantees).
+
+    Args:
+        config: the sink's settings.
+        pipeline: the pipeline's name (``{pipeline}`` in topics, status payload).
+        broker: broker address, credentials and TLS, shared with other MQTT users of the worker.
+        telemetry: receives published/error counts, outbox depth, connection state, drops.
+        worker_id: this process's id in status messages and the MQTT client id (default: random).
+    """
+
+    def __init__(
+        self,
+        config: MqttSinkConfig,
+        *,
+        pipeline: str,
+        broker: BrokerConfig,
+        telemetry: Telemetry | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.pipeline = pipeline
+        self.broker = broker
+        self.telemetry: Telemetry = telemetry or NullTelemetry()
+        self.worker_id = worker_id or f"{broker.client_id or 'segstream'}-{uuid.uuid4().hex[:8]}"
+        self.client_id = f"{self.worker_id}-{pipeline}-{config.name}"
+        self._topic = TopicTemplate(config.topic, RESULT_FIELDS)
+        self._error_topic = TopicTemplate(config.error_topic, ERROR_FIELDS)
+        self.status_topic = TopicTemplate(config.status_topic, STATUS_FIELDS).format(
+            pipeline=pipeline, worker=self.worker_id
+        )
+        self.outbox = Outbox(config.outbox_size, self.telemetry, name=config.name)
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._online = asyncio.Event()
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._inflight: set[int] = set()  # sequence numbers sent on the current connection, unacknowledged
+        self.undelivered = 0
+
+    # ---- public interface -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and the ``online`` status was acknowledged."""
+        return self._online.is_set()
+
+    @property
+    def inflight(self) -> int:
+        """Publishes sent on the current connection and not yet acknowledged."""
+        return len(self._inflight)
+
+    async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s for the sink to be connected; True when it is."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._online.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def start(self) -> None:
+        """Check the broker settings (password file, TLS files) and start the connection loop.
+
+        Raises:
+            SinkError: the client cannot be built from the settings, or the sink was started before.
+        """
+        if self._runner is not None or self._closed:
+            raise SinkError(f"sink[{self.name}] was already started")
+        # fail at start-up on unreadable secrets / TLS files, not later in the loop
+        try:
+            self.broker.resolved_password()
+            if self.broker.tls is not None:
+                self.broker.tls.context()
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"sink[{self.name}]: bad broker settings: {exc}") from exc
+        self._runner = asyncio.create_task(self._run_guarded(), name=f"sink[{self.name}].publisher")
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the publisher for good (a bug or unusable settings), else None."""
+        return self._failure
+
+    async def publish_result(self, result: FrameResult) -> None:
+        """Queue one result for ``topic`` (returns at once; the broker may be down)."""
+        self._check_accepting()
+        topic = self._topic.format(pipeline=self.pipeline, source=result.source_id, step=result.step)
+        self._enqueue(topic, result.to_json(), "result", result.source_id)
+
+    async def publish_error(self, report: ErrorReport) -> None:
+        """Queue one error report for ``error_topic``."""
+        self._check_accepting()
+        topic = self._error_topic.format(pipeline=self.pipeline, source=report.source_id)
+        self._enqueue(topic, report.to_json(), "error", report.source_id)
+
+    async def flush(self) -> None:
+        """Nothing to do: the publisher drains the outbox continuously."""
+
+    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> int:  # noqa: ASYNC109
+        """Deliver the outbox (waiting for acknowledgements), publish ``offline``, disconnect.
+
+        Returns within about ``timeout`` seconds even when the broker is down; what could not be
+        delivered is logged and counted as ``frame_dropped(source, "shutdown_undelivered")``.
+
+        Returns:
+            The number of messages not delivered.
+        """
+        if self._closed:
+            return self.undelivered
+        self._closed = True
+        self._stopping.set()
+        self.outbox.changed.set()
+        runner = self._runner
+        if runner is not None:
+            await asyncio.wait({runner}, timeout=timeout)
+            while not runner.done():  # each cancel interrupts whatever the runner awaits now
+                runner.cancel()
+                await asyncio.wait({runner}, timeout=0.2)
+            if not runner.cancelled():
+                runner.exception()  # retrieved: _run_guarded already logged it
+        left = self.outbox.take_all()
+        self.undelivered = len(left)
+        if left:
+            for source, count in Outbox.count_by_source(left).items():
+                self.telemetry.frame_dropped(source, "shutdown_undelivered", count)
+            log.warning(
+                "sink[%s]: closed with %d messages not delivered to %s",
+                self.name,
+                len(left),
+                self.broker.describe(),
+            )
+        self._online.clear()
+        self.telemetry.broker_connected(False)
+        return self.undelivered
+
+    # ---- accepting messages -----------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self._closed:
+            raise SinkError(f"sink[{self.name}] is closed")
+        if self._failure is not None:
+            raise SinkError(f"sink[{self.name}] failed: {self._failure!r}") from self._failure
+
+    def _enqueue(self, topic: str, payload: bytes, kind: str, source: str) -> None:
+        if len(payload) > self.config.max_payload_bytes:
+            self.telemetry.publish_error("payload_too_large")
+            self.telemetry.frame_dropped(source, "payload_too_large")
+            raise SinkError(
+                f"sink[{self.name}]: {kind} of source {source!r} is {len(payload)} bytes, "
+                f"over max_payload_bytes={self.config.max_payload_bytes}"
+            )
+        self.outbox.put(OutgoingMessage(topic, payload, self.config.qos, self.config.retain, kind, source))
+
+    # ---- connection loop --------------------------------------------------------------------------
+
+    def _status(self, status: str, reason: str | None = None) -> bytes:
+        body: dict[str, Any] = {"status": status, "worker": self.worker_id, "pipeline": self.pipeline}
+        if reason is not None:
+            body["reason"] = reason
+        if status == "online" or reason == "shutdown":
+            body["timestamp"] = time.time()
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def _make_client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(self.status_topic, self._status("offline", "connection_lost"), qos=1, retain=True)
+        try:
+            client = make_client(
+                self.broker,
+                identifier=self.client_id,
+                will=will,
+                max_inflight_messages=self.config.max_inflight,
+            )
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"sink[{self.name}]: cannot build an MQTT client: {exc}") from exc
+        # the window is ours (max_inflight): aiomqtt's "N pending publish calls" warning is noise
+        client.pending_calls_threshold = self.config.max_inflight + 1
+        return client
+
+    async def _run_guarded(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:
+            self._failure = exc
+            self._set_online(False)
+            log.exception("sink[%s]: publisher stopped for good; results are no longer accepted", self.name)
+            raise
+
+    async def _run(self) -> None:
+        """Connect, publish until told to stop, reconnect with backoff after any broker error."""
+        attempt = 0
+        outage_since: float | None = None
+        while True:
+            if self._stopping.is_set() and not self.outbox:
+                return  # nothing left to deliver; the Will already says offline if we were cut off
+            if attempt or outage_since is not None:
+                self.telemetry.reconnect("broker:sink")
+            try:
+                async with self._make_client() as client:
+                    await client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+                    self._set_online(True)
+                    if outage_since is not None:
+                        log.warning(
+                            "sink[%s]: reconnected to %s after %.1f s; %d messages waiting",
+                            self.name,
+                            self.broker.describe(),
+                            time.monotonic() - outage_since,
+                            len(self.outbox),
+                        )
+                    attempt, outage_since = 0, None
+                    await self._session(client)
+                    offline = self._status("offline", "shutdown")
+                    await client.publish(self.status_topic, offline, qos=1, retain=True)
+                self._set_online(False)
+                return
+            except* aiomqtt.MqttError as group:
+                self._set_online(False)
+                error = group.exceptions[0]
+                self.telemetry.publish_error("broker_unavailable")
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.warning(
+                        "sink[%s]: broker %s unavailable (%s); %d messages kept in the outbox, reconnecting",
+                        self.name,
+                        self.broker.describe(),
+                        error,
+                        len(self.outbox),
+                    )
+                else:
+                    log.debug("sink[%s]: reconnect attempt %d failed: %s", self.name, attempt, error)
+            delay = self._backoff(attempt)
+            attempt += 1
+            try:  # a close() during the backoff tries once more at once, then gives up at its timeout
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+            except TimeoutError:
+                pass
+
+    def _backoff(self, attempt: int) -> float:
+        """Capped exponential backoff, jittered uniformly in [cap/2, cap]."""
+        cap = min(self.broker.reconnect_max_s, self.broker.reconnect_min_s * math.pow(2, min(attempt, 30)))
+        return random.uniform(cap / 2, cap)
+
+    def _set_online(self, online: bool) -> None:
+        if online == self._online.is_set():
+            return
+        if online:
+            self._online.set()
+        else:
+            self._online.clear()
+        self.telemetry.broker_connected(online)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """Drain the outbox over one connection until stopping with nothing left; MqttError on loss."""
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(self._watch(client), name=f"sink[{self.name}].watch")
+            await self._drain(client, tg)
+            watch.cancel()
+        # the TaskGroup waited for every publish in flight (some may belong to messages dropped by
+        # overflow meanwhile)
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        """Raise ``MqttError`` when the connection drops (the sink subscribes to nothing)."""
+        async for _ in client.messages:
+            pass
+
+    async def _drain(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+        window = asyncio.Semaphore(self.config.max_inflight)
+        sent: set[int] = set()  # sequence numbers sent on this connection, not yet acknowledged
+        self._inflight = sent
+        while True:
+            await window.acquire()
+            while True:
+                self.outbox.changed.clear()
+                item = self.outbox.next_unsent(sent)
+                if item is not None:
+                    break
+                if self._stopping.is_set() and not self.outbox:
+                    window.release()
+                    return
+                await self.outbox.changed.wait()
+            seq, message = item
+            sent.add(seq)
+            tg.create_task(self._send(client, seq, message, sent, window), name=f"sink[{self.name}].send")
+
+    async def _send(
+        self,
+        client: aiomqtt.Client,
+        seq: int,
+        message: OutgoingMessage,
+        sent: set[int],
+        window: asyncio.Semaphore,
+    ) -> None:
+        try:
+            await client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                timeout=self.config.ack_timeout_s,
+            )
+        finally:
+            window.release()
+        sent.discard(seq)
+        if self.outbox.ack(seq) is not None:
+            self.telemetry.published(message.kind)
