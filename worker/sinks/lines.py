@@ -14,6 +14,7 @@ per sink keeps lines in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -77,8 +78,8 @@ class LineSink(SinkContextMixin):
         self._pool = BlockingPool(f"sink[{name}]", max_workers=1)
         self._streams: dict[str, IO[bytes]] = {}
         self._owned: set[str] = set()
-        # per stream: (source, kind, encoded line)
-        self._buffers: dict[str, list[tuple[str, str, bytes]]] = {RESULTS: [], ERRORS: []}
+        # in arrival order: (stream, source, kind, encoded line)
+        self._buffer: list[tuple[str, str, str, bytes]] = []
         self._buffered_bytes = 0
         self._lock = asyncio.Lock()  # one flush at a time, in order
         self._started = False
@@ -116,7 +117,7 @@ class LineSink(SinkContextMixin):
         if not self._started or self._closed:
             raise SinkError(f"sink[{self.name}] is not open")
         line = json.dumps({"kind": kind, **body}, separators=(",", ":")).encode() + b"\n"
-        self._buffers[stream].append((source, kind, line))
+        self._buffer.append((stream, source, kind, line))
         self._buffered_bytes += len(line)
         if self._buffered_bytes >= self._flush_bytes:
             await self.flush()
@@ -129,27 +130,27 @@ class LineSink(SinkContextMixin):
                 ``frame_dropped(source, "sink_io_error")`` and ``publish_error("io_error")``.
         """
         async with self._lock:
-            batches = {name: lines for name, lines in self._buffers.items() if lines}
-            if not batches:
-                return
-            self._buffers = {RESULTS: [], ERRORS: []}
+            entries, self._buffer = self._buffer, []
             self._buffered_bytes = 0
+            if not entries:
+                return
             try:
-                await self._pool.run(self._write, batches)
+                await self._pool.run(self._write, entries)
             except OSError as exc:
                 self.telemetry.publish_error("io_error")
-                for lines in batches.values():
-                    for source, _, _ in lines:
-                        self.telemetry.frame_dropped(source, "sink_io_error")
+                for _, source, _, _ in entries:
+                    self.telemetry.frame_dropped(source, "sink_io_error")
                 raise SinkError(f"sink[{self.name}]: write failed: {exc}") from exc
-            for lines in batches.values():
-                for _, kind, _ in lines:
-                    self.telemetry.published(kind)
+            for _, _, kind, _ in entries:
+                self.telemetry.published(kind)
 
-    def _write(self, batches: dict[str, list[tuple[str, str, bytes]]]) -> None:
-        for name, lines in batches.items():
-            stream = self._streams[name]
-            stream.write(b"".join(line for _, _, line in lines))
+    def _write(self, entries: list[tuple[str, str, str, bytes]]) -> None:
+        used: dict[int, IO[bytes]] = {}
+        for stream_name, _, _, line in entries:
+            stream = self._streams[stream_name]
+            stream.write(line)  # buffered by the file object; order kept even when both share one file
+            used[id(stream)] = stream
+        for stream in used.values():
             stream.flush()
             if self._fsync:
                 os.fsync(stream.fileno())
@@ -158,9 +159,15 @@ class LineSink(SinkContextMixin):
         closed: set[int] = set()
         for name in self._owned:
             stream = self._streams[name]
-            if id(stream) not in closed:
-                closed.add(id(stream))
+            if id(stream) in closed:
+                continue
+            closed.add(id(stream))
+            try:
                 stream.close()
+            except OSError as exc:  # data a failed flush left in the file object's buffer
+                log.error("sink[%s]: closing %s failed: %s", self.name, getattr(stream, "name", name), exc)
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> int:  # noqa: ASYNC109
         """Flush and close the output within ``timeout`` s.
@@ -170,7 +177,7 @@ class LineSink(SinkContextMixin):
         """
         if self._closed:
             return 0
-        pending = sum(len(lines) for lines in self._buffers.values())
+        pending = len(self._buffer)
         unwritten = 0
         try:
             async with asyncio.timeout(timeout):
