@@ -310,8 +310,8 @@ class MqttSink(SinkContextMixin):
             except* aiomqtt.MqttError as group:
                 self._set_online(False)
                 error = group.exceptions[0]
-                self.telemetry.publish_error("broker_unavailable")
-                if outage_since is None:
+                if outage_since is None:  # one count per outage, not per reconnect attempt
+                    self.telemetry.publish_error("broker_unavailable")
                     outage_since = time.monotonic()
                     log.warning(
                         "sink[%s]: broker %s unavailable (%s); %d messages kept in the outbox, reconnecting",
