@@ -6,11 +6,33 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiohttp
+import numpy as np
 import pytest
 
 from worker.http_server import HealthState, HttpServer, build_app
 from worker.metrics import Metrics
 from worker.preview import PreviewHub
+from worker.step.detections import Detections, MaskCrops
+
+
+def make_detections(
+    frame_shape: tuple[int, int], boxes: list[tuple[int, int, int, int]], cls: list[int]
+) -> Detections:
+    """Detections whose masks are the inner half (in each direction) of each box."""
+    crops, offsets = [], []
+    for x1, y1, x2, y2 in boxes:
+        crop = np.zeros((y2 - y1, x2 - x1), bool)
+        h, w = crop.shape
+        crop[h // 4 : h - h // 4, w // 4 : w - w // 4] = True
+        crops.append(crop)
+        offsets.append((x1, y1))
+    return Detections(
+        xyxy=np.array(boxes, np.float32).reshape(-1, 4),
+        confidence=np.linspace(0.9, 0.5, len(boxes)).astype(np.float32),
+        class_id=np.array(cls, np.int64),
+        masks=MaskCrops(crops, np.array(offsets).reshape(-1, 2)),
+        frame_shape=frame_shape,
+    )
 
 
 class ManualClock:
