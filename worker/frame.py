@@ -40,5 +40,5 @@ class Frame:
             self.frame_id = f"{self.source_id}:{self.frame_number}"
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
             raise ValueError(
-                f"Frame.image must be (H, W, 3) uint8 BGR, got shape {self.image.shape} dtype {self.image.dtype}"
+                f"Frame.image must be (H, W, 3) uint8 BGR, got {self.image.shape} {self.image.dtype}"
             )

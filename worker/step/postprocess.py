@@ -340,7 +340,8 @@ def decode_masks(
         logits = (coefficients[k] @ region).reshape(py1 - py0, px1 - px0)
         if mode == "fast":
             above = logits > 0
-            crop = above[np.ix_(ay.nearest_cells(y0, y1) - py0, ax.nearest_cells(x0, x1) - px0)]
+            # two 1-D gathers: several times faster than one np.ix_ gather
+            crop = above[ay.nearest_cells(y0, y1) - py0][:, ax.nearest_cells(x0, x1) - px0]
         elif mode == "accurate":
             wy = ay.sample_accurate(y0, y1, py0, py1 - py0)
             wx = ax.sample_accurate(x0, x1, px0, px1 - px0)
@@ -348,7 +349,7 @@ def decode_masks(
         else:
             wy, iy = ay.sample_tradeoff(y0, y1, py0, py1 - py0, tradeoff_factor)
             wx, ix = ax.sample_tradeoff(x0, x1, px0, px1 - px0, tradeoff_factor)
-            crop = ((wy @ logits @ wx.T) > 0)[np.ix_(iy, ix)]
+            crop = ((wy @ logits @ wx.T) > 0)[iy][:, ix]
         crops.append(np.ascontiguousarray(crop))
     return MaskCrops(crops, offsets)
 

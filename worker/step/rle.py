@@ -25,12 +25,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["CocoRle", "compress_counts", "encode_crop", "rle_counts"]
+__all__ = ["CocoRle", "compress_counts", "compress_counts_many", "encode_crop", "encode_crops", "rle_counts"]
 
 
 class CocoRle(TypedDict):
@@ -111,22 +112,44 @@ def compress_counts(counts: npt.NDArray[np.integer]) -> str:
         >>> compress_counts(np.array([5, 2, 2, 2, 5]))
         '52203'
     """
-    values = np.asarray(counts, dtype=np.int64).copy()
-    if values.size == 0:
-        return ""
-    values[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
+    return compress_counts_many([counts])[0]
+
+
+def compress_counts_many(counts_list: Sequence[npt.NDArray[np.integer]]) -> list[str]:
+    """``compress_counts`` of several masks at once (one set of array operations for all of them).
+
+    Args:
+        counts_list: integer run-length arrays, one per mask.
+
+    Returns:
+        One ASCII string per mask.
+
+    Example:
+        >>> compress_counts_many([np.array([5, 2, 2, 2, 5]), np.array([0, 1, 3])])
+        ['52203', '013']
+    """
+    lengths = np.array([len(c) for c in counts_list], dtype=np.int64)
+    if not lengths.sum():
+        return [""] * len(lengths)
+    counts = np.concatenate([np.asarray(c, dtype=np.int64).ravel() for c in counts_list])
+    starts = np.cumsum(lengths) - lengths
+    delta = np.flatnonzero(np.arange(counts.size) - np.repeat(starts, lengths) >= 3)
+    values = counts.copy()
+    values[delta] -= counts[delta - 2]
     bits = int(np.max(np.abs(values))).bit_length() + 1  # magnitude plus sign
-    groups_max = max(1, -(-bits // 5))
-    shifts = 5 * np.arange(groups_max, dtype=np.int64)
-    group = (values[:, None] >> shifts) & 0x1F  # (R, G), arithmetic shift keeps the sign
+    shifts = 5 * np.arange(max(1, -(-bits // 5)), dtype=np.int64)
+    group = (values[:, None] >> shifts) & 0x1F  # (R, G); arithmetic shift keeps the sign
     rest = values[:, None] >> (shifts + 5)
     more = np.where(group & 0x10, rest != -1, rest != 0)
-    # a value uses groups 0..n-1 where n-1 is the first group after which no more follow
-    used = np.concatenate(
-        [np.ones((values.size, 1), bool), np.cumprod(more, axis=1)[:, :-1].astype(bool)], axis=1
-    )
-    chars = (group | (more & used) * 0x20) + 48
-    return chars[used].astype(np.uint8).tobytes().decode("ascii")
+    # once no more groups follow, none follow later either: group g is used iff group g-1 has "more"
+    used = np.ones_like(more)
+    used[:, 1:] = more[:, :-1]
+    chars = (group | more * 0x20) + 48
+    text = chars[used].astype(np.uint8).tobytes().decode("ascii")
+    bounds = np.concatenate(([0], np.cumsum(used.sum(axis=1))))
+    return [
+        text[b:e] for b, e in zip(bounds[starts].tolist(), bounds[starts + lengths].tolist(), strict=True)
+    ]
 
 
 def encode_crop(
@@ -152,3 +175,33 @@ def encode_crop(
     """
     counts = rle_counts(crop, offset, frame_shape)
     return {"size": [int(frame_shape[0]), int(frame_shape[1])], "counts": compress_counts(counts)}
+
+
+def encode_crops(
+    crops: Sequence[npt.NDArray[np.bool_]],
+    offsets: npt.ArrayLike,
+    frame_shape: tuple[int, int],
+) -> list[CocoRle]:
+    """``encode_crop`` for all instances of a frame, compressing their counts in one pass.
+
+    Args:
+        crops: N bool crops. Not modified.
+        offsets: int ``(N, 2)`` ``(x0, y0)`` per crop.
+        frame_shape: ``(H, W)``.
+
+    Returns:
+        N ``{"size": [H, W], "counts": str}``, each equal to ``encode_crop`` of that crop.
+
+    Raises:
+        ValueError: a crop does not fit in the frame, or offsets do not match the crops.
+
+    Example:
+        >>> [r["counts"] for r in encode_crops([np.ones((1, 1), bool)] * 2, [[0, 0], [1, 1]], (2, 2))]
+        ['013', '31']
+    """
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) if len(crops) else np.zeros((0, 2), np.int64)
+    if len(offs) != len(crops):
+        raise ValueError(f"offsets: expected shape ({len(crops)}, 2), got {np.shape(offsets)}")
+    counts = [rle_counts(c, (int(x0), int(y0)), frame_shape) for c, (x0, y0) in zip(crops, offs, strict=True)]
+    size = [int(frame_shape[0]), int(frame_shape[1])]
+    return [{"size": list(size), "counts": text} for text in compress_counts_many(counts)]

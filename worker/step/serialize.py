@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.step.detections import Detections
-from worker.step.rle import encode_crop
+from worker.step.rle import encode_crops
 
 __all__ = ["MaskFormat", "mask_to_polygon", "serialize_predictions"]
 
@@ -113,6 +113,8 @@ def serialize_predictions(
         raise ValueError(
             f"class ids {detections.class_id.tolist()} outside the {len(class_names)} class names"
         )
+    if mask_format == "rle":
+        rles = encode_crops(detections.masks.crops, detections.masks.offsets, (height, width))
     predictions: list[dict[str, Any]] = []
     for i in range(len(detections)):
         crop = detections.masks.crops[i]
@@ -122,7 +124,7 @@ def serialize_predictions(
             if not mask["points"]:
                 continue
         else:
-            mask = {"rle_mask": dict(encode_crop(crop, (x0, y0), (height, width)))}
+            mask = {"rle_mask": dict(rles[i])}
         bx1, by1, bx2, by2 = (float(v) for v in detections.xyxy[i])
         class_id = int(detections.class_id[i])
         predictions.append(

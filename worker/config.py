@@ -1,0 +1,189 @@
+"""The pipeline file: sources, batching, the workflow, sinks, broker, HTTP, models.
+
+Loaded from YAML (or JSON) and validated with pydantic at start-up; an invalid file stops the worker
+with an error that names the field. Secrets never sit in the file: the broker password comes from
+``$SEGSTREAM_MQTT_PASSWORD`` (or the variable / file the ``broker`` section names). ``${VAR}`` and
+``${VAR:-default}`` in the file are replaced from the environment before validation, so one file serves
+several deployments; ``${SEGSTREAM_ASSETS}`` is the package's bundled assets folder (the demo clip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from worker.errors import ConfigError
+from worker.mqtt import BrokerConfig
+from worker.sinks import SinkConfig
+from worker.sources import SourceConfig
+
+__all__ = [
+    "AnnotatedVideoConfig",
+    "BatchingConfig",
+    "ControlConfig",
+    "HttpConfig",
+    "ModelRuntimeConfig",
+    "PipelineConfig",
+    "load_pipeline",
+    "looks_like_pipeline",
+    "read_document",
+]
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """How frames from all sources are grouped for the model."""
+
+    max_batch_size: int = Field(4, ge=1, le=64)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+
+
+class ModelRuntimeConfig(_Strict):
+    """ONNX Runtime settings and where model packages are looked up."""
+
+    models_dir: Path | None = Field(None, description="else $SEGSTREAM_MODELS_DIR, else the bundled models")
+    intra_op_threads: int = Field(0, ge=0, le=256, description="0: ONNX Runtime's default")
+    inter_op_threads: int = Field(1, ge=0, le=64)
+    input_size: tuple[int, int] | None = Field(
+        None, description="run the model at (h, w) instead of its default"
+    )
+
+
+class HttpConfig(_Strict):
+    """The aiohttp server for /metrics, /healthz, /readyz and the live preview."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+    preview: bool = Field(False, description="serve the live preview page at /")
+    preview_fps: float = Field(5.0, gt=0, le=30)
+
+
+class ControlConfig(_Strict):
+    """A topic where new values for the workflow's runtime inputs arrive (needs a broker)."""
+
+    enabled: bool = True
+    topic: str = "segstream/{pipeline}/control"
+
+
+class AnnotatedVideoConfig(_Strict):
+    """Write one source's frames, with the detections drawn on them, to a video file."""
+
+    path: Path
+    source: str | None = Field(None, description="source id; default: the first source")
+    fps: float = Field(25.0, gt=0, le=240)
+
+
+class PipelineConfig(_Strict):
+    """One pipeline file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    sources: list[SourceConfig] = Field(min_length=1)
+    batching: BatchingConfig = BatchingConfig()
+    workflow: dict[str, Any]
+    sinks: list[SinkConfig] = Field(min_length=1)
+    broker: BrokerConfig | None = None
+    control: ControlConfig = ControlConfig()
+    http: HttpConfig = HttpConfig()
+    model: ModelRuntimeConfig = ModelRuntimeConfig()
+    shutdown_grace_s: float = Field(20.0, gt=0, le=600)
+    inference_threads: int = Field(1, ge=1, le=8, description="batches in flight at once")
+    annotated_video: AnnotatedVideoConfig | None = None
+    print_summary: bool = Field(True, description="print frames, detections per class and fps at the end")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[Any]) -> list[Any]:
+        seen: set[str] = set()
+        for s in sources:
+            if s.id in seen:
+                raise ValueError(f"duplicate source id {s.id!r}")
+            seen.add(s.id)
+        return sources
+
+
+#: variables the worker defines itself (unless the environment sets them)
+BUILTIN_VARIABLES = {"SEGSTREAM_ASSETS": str(Path(__file__).resolve().parent / "assets")}
+
+
+def _expand_env(text: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = os.environ.get(name, BUILTIN_VARIABLES.get(name))
+        if value is None:
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set (referenced as ${{{name}}})")
+            return default
+        return value
+
+    return _ENV_REF.sub(repl, text)
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
+    text = _expand_env(path.read_text())
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+        ) from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(doc).__name__}")
+    return doc
+
+
+def looks_like_pipeline(doc: dict[str, Any]) -> bool:
+    """A pipeline file has ``sources``/``sinks``/``workflow``; a bare workflow has ``steps``."""
+    return "workflow" in doc or "sources" in doc
+
+
+def _format_validation_error(exc: ValidationError, where: str) -> str:
+    lines = [f"invalid {where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file (YAML or JSON); the workflow is checked by the caller.
+
+    Raises:
+        ConfigError: unreadable file, bad syntax, a missing environment variable, or a field that fails
+            validation (the message names the field's path, e.g. ``sources.0.url``).
+    """
+    p = Path(path)
+    doc = _read_document(p)
+    try:
+        return PipelineConfig.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(
+            _format_validation_error(exc, f"pipeline file {p}"),
+            field=".".join(str(x) for x in first["loc"]),
+        ) from exc
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON document with ``${VAR}`` expansion and a size limit."""
+    return _read_document(Path(path))
