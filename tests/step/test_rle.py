@@ -9,7 +9,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from worker.step.rle import compress_counts, encode_crop, rle_counts
+from worker.step.rle import compress_counts, compress_counts_many, encode_crop, encode_crops, rle_counts
 
 
 def full_mask(crop: np.ndarray, offset: tuple[int, int], frame_shape: tuple[int, int]) -> np.ndarray:
@@ -125,3 +125,19 @@ def test_input_crop_is_not_modified() -> None:
 def test_rejects_crops_outside_the_frame(crop, offset, frame_shape, context) -> None:
     with context:
         encode_crop(crop, offset, frame_shape)
+
+
+def test_batch_encoding_equals_one_by_one() -> None:
+    rng = np.random.default_rng(5)
+    frame_shape = (90, 120)
+    crops, offsets = [], []
+    for _ in range(25):
+        h, w = int(rng.integers(0, 40)), int(rng.integers(0, 40))
+        crops.append(rng.random((h, w)) < 0.6)
+        offsets.append((int(rng.integers(0, 120 - w + 1)), int(rng.integers(0, 90 - h + 1))))
+    batch = encode_crops(crops, offsets, frame_shape)
+    assert batch == [encode_crop(c, o, frame_shape) for c, o in zip(crops, offsets, strict=True)]
+    assert encode_crops([], np.zeros((0, 2), int), frame_shape) == []
+    assert compress_counts_many([np.array([], int), np.array([3, 1]), np.array([], int)]) == ["", "31", ""]
+    with pytest.raises(ValueError, match="offsets"):
+        encode_crops(crops, offsets[:-1], frame_shape)

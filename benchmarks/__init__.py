@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, latency and post-processing against their baselines (see README.md)."""
