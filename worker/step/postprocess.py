@@ -77,7 +77,7 @@ class LetterboxLike(Protocol):
     def input_size(self) -> tuple[int, int]: ...  # (h, w) of the model input
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array fields: compare by identity
 class PostprocessParams:
     """Resolved post-processing parameters for one frame.
 
