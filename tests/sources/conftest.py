@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.rtsp import RtspServer, rtsp_server_available
+from worker.frame import Frame
 from worker.messages import ErrorReport
+from worker.queues import FrameQueue
+from worker.sources import Source
 
 
 @functools.cache
@@ -59,6 +63,42 @@ class ErrorSink:
 @pytest.fixture
 def errors() -> ErrorSink:
     return ErrorSink()
+
+
+class Consumer:
+    """Takes frames out of a queue (optionally slowly) until it is exhausted or cancelled."""
+
+    def __init__(self, queue: FrameQueue, delay: float = 0.0) -> None:
+        self.queue = queue
+        self.delay = delay
+        self.frames: list[Frame] = []
+        self.max_depth = 0
+
+    async def run(self) -> None:
+        while not self.queue.exhausted:
+            self.max_depth = max(self.max_depth, len(self.queue))
+            frame = self.queue.get_nowait()
+            if frame is None:
+                self.queue.ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.queue.ready.wait(), 0.05)
+                continue
+            self.frames.append(frame)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+
+
+@contextlib.asynccontextmanager
+async def running(source: Source, queue: FrameQueue, delay: float = 0.0) -> AsyncIterator[Consumer]:
+    consumer = Consumer(queue, delay)
+    async with asyncio.TaskGroup() as tg:
+        src_task = tg.create_task(source.run(queue), name=f"source[{source.source_id}]")
+        tg.create_task(consumer.run())
+        try:
+            yield consumer
+        finally:
+            await source.stop()
+            await asyncio.wait_for(asyncio.shield(src_task), 30)
 
 
 async def wait_for(condition: Callable[[], bool], within_s: float = 20.0, what: str = "condition") -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -15,9 +14,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tests.sources.conftest import ErrorSink, wait_for
+from tests.sources.conftest import Consumer, ErrorSink, running, wait_for
 from tests.support.rtsp import RtspServer
-from worker.frame import Frame
 from worker.queues import FrameQueue
 from worker.sources.video import FFMPEG_OPTIONS_ENV, VideoSource, VideoSourceConfig, ensure_rtsp_over_tcp
 from worker.telemetry import RecordingTelemetry
@@ -31,42 +29,6 @@ def write_clip(path: Path, n: int, size: tuple[int, int] = (64, 48), fps: float 
         writer.write(np.full((size[1], size[0], 3), 10 + (20 * i) % 240, np.uint8))
     writer.release()
     return path
-
-
-class Consumer:
-    """Takes frames out of a queue (optionally slowly) until it is exhausted or cancelled."""
-
-    def __init__(self, queue: FrameQueue, delay: float = 0.0) -> None:
-        self.queue = queue
-        self.delay = delay
-        self.frames: list[Frame] = []
-        self.max_depth = 0
-
-    async def run(self) -> None:
-        while not self.queue.exhausted:
-            self.max_depth = max(self.max_depth, len(self.queue))
-            frame = self.queue.get_nowait()
-            if frame is None:
-                self.queue.ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.queue.ready.wait(), 0.05)
-                continue
-            self.frames.append(frame)
-            if self.delay:
-                await asyncio.sleep(self.delay)
-
-
-@contextlib.asynccontextmanager
-async def running(source: VideoSource, queue: FrameQueue, delay: float = 0.0) -> AsyncIterator[Consumer]:
-    consumer = Consumer(queue, delay)
-    async with asyncio.TaskGroup() as tg:
-        src_task = tg.create_task(source.run(queue), name=f"source[{source.source_id}]")
-        tg.create_task(consumer.run())
-        try:
-            yield consumer
-        finally:
-            await source.stop()
-            await asyncio.wait_for(asyncio.shield(src_task), 30)
 
 
 def reader_threads(source_id: str) -> list[threading.Thread]:

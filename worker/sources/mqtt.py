@@ -13,12 +13,14 @@ Nothing silently lost (QoS 1, ``every_frame``):
   ``FrameQueue`` (or after its error was reported). Under ``every_frame`` a full queue makes
   ``queue.put`` wait, so this source stops taking messages and stops acknowledging.
 - *Flow control.* The CONNECT packet carries MQTT v5 ``Receive Maximum = receive_maximum``: the broker
-  sends at most that many unacknowledged QoS 1 messages and keeps the rest queued in the session. The
-  client's incoming queue (``max_queued_incoming_messages``) is twice that, so it cannot overflow from
-  QoS 1 traffic; should it ever overflow (QoS 0 traffic, or a 3.1.1 broker whose own in-flight limit
-  is larger), aiomqtt discards the message and this source counts it as
-  ``frames_dropped_total{reason="mqtt_queue_full"}`` — an unacknowledged QoS 1 message discarded that
-  way is delivered again by the broker when the session reconnects.
+  should send at most that many unacknowledged QoS 1 messages and keep the rest in the session. The
+  client's incoming queue (``max_queued_incoming_messages``) holds twice that. Brokers do not always
+  keep the limit (mosquitto 2.0.11 lets one more through per PUBACK; 3.1.1 has no such property), so
+  the queue is guarded: when it is full it is *sealed* — it refuses every later message, so the ones
+  it holds stay the oldest; refused QoS 1 messages stay unacknowledged; once the held ones are
+  processed, the source reconnects at once (``"resync"``) and the persistent session redelivers the
+  refused messages first, in order. Nothing is lost and order is kept; refused QoS 0 messages are
+  lost and counted as ``frames_dropped_total{reason="mqtt_queue_full"}``.
 - *Persistent session.* A stable client id, ``clean_start=False`` and a session expiry interval make
   the broker keep the subscription and queue QoS 1 frames while the worker is disconnected; they are
   delivered (with unacknowledged in-flight ones) after it reconnects. Delivery is at-least-once: a frame
@@ -67,6 +69,18 @@ __all__ = ["MAX_PAYLOAD_BYTES_LIMIT", "MqttSource", "MqttSourceConfig"]
 
 log = logging.getLogger(__name__)
 
+
+class _QuietQueueFull(logging.Filter):
+    """aiomqtt logs each message its full queue refuses; the sealed queue accounts for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Message queue is full" not in record.getMessage()
+
+
+#: the logger handed to aiomqtt/paho
+_client_log = logging.getLogger(f"{__name__}.client")
+_client_log.addFilter(_QuietQueueFull())
+
 #: hard upper bound of ``max_payload_bytes`` (MQTT itself allows 256 MiB)
 MAX_PAYLOAD_BYTES_LIMIT = 128 * 1024 * 1024
 
@@ -99,18 +113,36 @@ class MqttSourceConfig(BaseModel):
         return f"$share/{self.shared_group}/{self.topic}" if self.shared_group else self.topic
 
 
-def _counting_queue(telemetry: Telemetry, source_id: str) -> type[asyncio.Queue[aiomqtt.Message]]:
-    class CountingQueue(asyncio.Queue[aiomqtt.Message]):
-        """aiomqtt's incoming queue; counts what aiomqtt discards when it is full."""
+class _Overflow:
+    """Shared by one connection's incoming queue and its session loop."""
+
+    def __init__(self) -> None:
+        self.sealed = False
+        self.held_back = 0
+
+
+def _incoming_queue(
+    telemetry: Telemetry, source_id: str, overflow: _Overflow
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
+        """aiomqtt's incoming queue. Once full it is sealed: every later message is refused too (so
+        the ones it holds stay the oldest), QoS 1 ones stay unacknowledged for redelivery, QoS 0
+        ones are lost and counted."""
 
         def put_nowait(self, item: aiomqtt.Message) -> None:
-            try:
-                super().put_nowait(item)
-            except asyncio.QueueFull:
+            if not overflow.sealed:
+                try:
+                    super().put_nowait(item)
+                    return
+                except asyncio.QueueFull:
+                    overflow.sealed = True
+            if item.qos == 0:
                 telemetry.frame_dropped(source_id, "mqtt_queue_full")
-                raise
+            else:
+                overflow.held_back += 1
+            raise asyncio.QueueFull
 
-    return CountingQueue
+    return IncomingQueue
 
 
 def _configure_flow_control(client: aiomqtt.Client, *, v5: bool, receive_maximum: int) -> None:
@@ -167,7 +199,7 @@ class MqttSource:
     async def stop(self) -> None:
         self._stop_requested.set()
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self, overflow: _Overflow) -> aiomqtt.Client:
         cfg = self.config
         client = make_client(
             self.broker,
@@ -175,7 +207,8 @@ class MqttSource:
             clean_start=False,
             session_expiry_s=cfg.session_expiry_s or None,
             max_queued_incoming_messages=2 * cfg.receive_maximum,
-            queue_type=_counting_queue(self.telemetry, cfg.id),
+            queue_type=_incoming_queue(self.telemetry, cfg.id, overflow),
+            logger=_client_log,
         )
         _configure_flow_control(client, v5=self.broker.protocol == "5", receive_maximum=cfg.receive_maximum)
         return client
@@ -194,11 +227,12 @@ class MqttSource:
                     session.cancel()
                     await asyncio.wait({session})
                     return
-                if session.result():  # the queue was closed under us
+                outcome = session.result()
+                if outcome == "closed":  # the queue was closed under us
                     return
                 self.telemetry.reconnect("broker:source")
-                delay = backoff.next_delay()
-                await asyncio.wait({stop_wait}, timeout=delay)
+                if outcome == "lost":
+                    await asyncio.wait({stop_wait}, timeout=backoff.next_delay())
         finally:
             stop_wait.cancel()
             queue.close()
@@ -207,11 +241,19 @@ class MqttSource:
                 self._pool.shutdown(wait=False)
                 self._pool = None
 
-    async def _session(self, queue: FrameQueue, backoff: Backoff) -> bool:
-        """One broker connection. True: stop for good (queue closed); False: reconnect."""
+    async def _session(self, queue: FrameQueue, backoff: Backoff) -> str:
+        """One broker connection.
+
+        Returns:
+            ``"closed"``: the queue was closed, stop for good; ``"lost"``: the connection failed,
+            reconnect after a backoff delay; ``"resync"``: the incoming queue overflowed, reconnect at
+            once so the broker redelivers what was held back (in order: the session resends the
+            unacknowledged messages first).
+        """
         cfg = self.config
+        overflow = _Overflow()
         try:
-            async with self._make_client() as client:
+            async with self._make_client(overflow) as client:
                 options = SubscribeOptions(qos=cfg.qos, retainHandling=1)
                 if self.broker.protocol == "5":
                     granted = await client.subscribe(cfg.subscription, options=options)
@@ -219,10 +261,8 @@ class MqttSource:
                     granted = await client.subscribe(cfg.subscription, qos=cfg.qos)
                 codes = [int(getattr(code, "value", code)) for code in granted]
                 if any(code >= 0x80 for code in codes):
-                    log.error(
-                        "source %s: broker refused subscription to %s", self.source_id, cfg.subscription
-                    )
-                    return False
+                    log.error("source %s: broker refused %s", self.source_id, cfg.subscription)
+                    return "lost"
                 self.telemetry.source_connected(self.source_id, True)
                 backoff.reset()
                 log.info(
@@ -230,12 +270,21 @@ class MqttSource:
                 )
                 async for message in client.messages:
                     if not await self._handle(client, message, queue):
-                        return True
+                        return "closed"
+                    if overflow.sealed and len(client.messages) == 0:
+                        log.warning(
+                            "source %s: the broker sent more than receive_maximum=%d frames; %d held "
+                            "back unacknowledged; reconnecting for their redelivery",
+                            self.source_id,
+                            cfg.receive_maximum,
+                            overflow.held_back,
+                        )
+                        return "resync"
         except aiomqtt.MqttError as exc:
             log.warning("source %s: broker connection lost (%s); reconnecting", self.source_id, exc)
         finally:
             self.telemetry.source_connected(self.source_id, False)
-        return False
+        return "lost"
 
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message, queue: FrameQueue) -> bool:
         """Decode one message and queue its frame; False if the queue is closed."""

@@ -1,0 +1,290 @@
+"""MqttSource against a real mosquitto: payload shapes, bad payloads, shared subscriptions, flow
+control under a slow consumer, broker restarts and persistent sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from tests.sources.conftest import ErrorSink, running, wait_for
+from tests.support.mosquitto import MosquittoBroker
+from worker.mqtt import BrokerConfig, make_client
+from worker.queues import FrameQueue
+from worker.sources.mqtt import MqttSource, MqttSourceConfig
+from worker.telemetry import RecordingTelemetry
+
+pytestmark = pytest.mark.integration
+
+
+def image(level: int, h: int = 24, w: int = 32) -> np.ndarray:
+    img = np.full((h, w, 3), level, np.uint8)
+    img[: h // 2, :, 2] = 255 - level  # not grey: channel order is checked
+    return img
+
+
+def encode(img: np.ndarray, ext: str = ".jpg") -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return buf.tobytes()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + b"\x00" * 64
+
+
+def broker_of(mosquitto: MosquittoBroker, **kw: object) -> BrokerConfig:
+    return BrokerConfig(
+        host=mosquitto.host, port=mosquitto.port, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw
+    )
+
+
+def make_source(
+    mosquitto: MosquittoBroker,
+    topic: str,
+    telemetry: RecordingTelemetry,
+    errors: ErrorSink | None = None,
+    **kw: object,
+) -> MqttSource:
+    cfg = MqttSourceConfig.model_validate({"id": "line", "topic": topic, **kw})
+    return MqttSource(cfg, broker_of(mosquitto), telemetry=telemetry, on_error=errors, pipeline="p")
+
+
+async def publish(mosquitto: MosquittoBroker, topic: str, payloads: list[bytes], qos: int = 1) -> None:
+    async with make_client(broker_of(mosquitto), identifier=f"pub-{os.getpid()}") as pub:
+        for payload in payloads:
+            await pub.publish(topic, payload, qos=qos)
+
+
+async def test_raw_jpeg_png_and_json_frames(mosquitto: MosquittoBroker, unique_topic: str) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry)
+    queue = FrameQueue("line", 8, "every_frame")
+    json_img = image(90)
+    payloads = [
+        encode(image(40)),
+        encode(image(60), ".png"),
+        json.dumps(
+            {
+                "image": base64.b64encode(encode(json_img, ".png")).decode(),
+                "frame_id": "press-7/000123",
+                "timestamp": 1732790000.25,
+                "parameters": {"confidence": 0.55, "classes": ["bolt"]},
+                "extra_field": "ignored",
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "image": "data:image/jpeg;base64," + base64.b64encode(encode(image(120))).decode(),
+                "frame_id": 9,
+            }
+        ).encode(),
+    ]
+    async with running(source, queue) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, payloads)
+        await wait_for(lambda: len(consumer.frames) == 4, what="4 frames")
+    jpeg, png, js, data_url = consumer.frames
+    assert [f.frame_number for f in consumer.frames] == [0, 1, 2, 3]
+    assert jpeg.frame_id == "line:0" and jpeg.parameters == {}
+    assert np.abs(jpeg.image.astype(int) - image(40)).mean() < 3  # lossy (chroma at the edge)
+    np.testing.assert_array_equal(png.image, image(60))  # lossless, BGR order kept
+    np.testing.assert_array_equal(js.image, json_img)
+    assert js.frame_id == "press-7/000123" and js.timestamp == 1732790000.25
+    assert js.parameters == {"confidence": 0.55, "classes": ["bolt"]}
+    assert data_url.frame_id == "9" and data_url.image.shape == (24, 32, 3)
+    assert telemetry.received["line"] == 4 and not telemetry.dropped
+    assert queue.closed
+
+
+GOOD = encode(image(50))
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "words"),
+    [
+        (GOOD[: len(GOOD) // 2], "decode_error", "truncated JPEG"),
+        (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "decode_error", "corrupt JPEG"),
+        (b"\x00" + np.random.default_rng(7).bytes(3000), "decode_error", "not a JPEG or PNG"),
+        (b"\x07" * 5000, "oversize", "max_payload_bytes=4096"),
+        (png_claiming(30000, 30000), "oversize", "900000000 pixels"),
+        (b'{"image": "abc', "decode_error", "bad JSON"),
+        (b'{"image": "@@not base64@@"}', "decode_error", "base64"),
+        (b'{"frame_id": "x"}', "decode_error", "no 'image'"),
+        (
+            json.dumps({"image": base64.b64encode(GOOD).decode(), "parameters": [1]}).encode(),
+            "decode_error",
+            "object",
+        ),
+    ],
+    ids=[
+        "truncated-jpeg",
+        "corrupt-jpeg",
+        "random",
+        "oversize-bytes",
+        "pixel-bomb",
+        "bad-json",
+        "bad-b64",
+        "no-image",
+        "bad-parameters",
+    ],
+)
+async def test_a_bad_payload_gives_one_error_report_and_the_next_frame_flows(
+    mosquitto: MosquittoBroker, unique_topic: str, errors: ErrorSink, payload: bytes, reason: str, words: str
+) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry, errors, max_payload_bytes=4096, max_image_pixels=10**6)
+    queue = FrameQueue("line", 4, "every_frame")
+    async with running(source, queue) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, [payload, GOOD])
+        await wait_for(lambda: len(consumer.frames) == 1, what="the good frame")
+    assert len(errors.reports) == 1
+    report = errors.reports[0]
+    assert (report.reason, report.source_id, report.pipeline, report.frame_number) == (reason, "line", "p", 0)
+    assert words in report.message and topic in report.message
+    assert consumer.frames[0].frame_number == 1
+    assert telemetry.dropped == {("line", reason): 1}
+
+
+async def test_shared_subscription_splits_frames_without_loss_or_duplicates(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    sources, queues = [], []
+    for n in (1, 2):
+        cfg = MqttSourceConfig(id=f"w{n}", topic=topic, shared_group="seg", client_id=f"worker-{n}")
+        sources.append(MqttSource(cfg, broker_of(mosquitto), telemetry=telemetry))
+        queues.append(FrameQueue(f"w{n}", 64, "every_frame"))
+    payload = encode(image(10), ".png")
+    frames = [
+        json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": f"f{i}"}).encode()
+        for i in range(40)
+    ]
+    async with running(sources[0], queues[0]) as c1, running(sources[1], queues[1]) as c2:
+        await wait_for(
+            lambda: telemetry.connected.get("w1") is True and telemetry.connected.get("w2") is True
+        )
+        await publish(mosquitto, topic, frames)
+        await wait_for(lambda: len(c1.frames) + len(c2.frames) >= 40, what="all frames")
+    ids = [f.frame_id for f in c1.frames + c2.frames]
+    assert sorted(ids) == sorted(f"f{i}" for i in range(40))  # none lost, none twice
+    assert c1.frames and c2.frames  # both workers took a share
+
+
+async def test_every_frame_under_a_slow_consumer_loses_nothing(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    # Receive Maximum 4 asks the broker for at most 4 unacknowledged frames; the fixture's mosquitto
+    # allows 100 in flight and (2.0.11) lets one more through per PUBACK, so the incoming queue
+    # (2 x 4) overflows: the source must hold those back unacknowledged and have them redelivered
+    source = make_source(mosquitto, topic, telemetry, receive_maximum=4)
+    queue = FrameQueue("line", 2, "every_frame", telemetry)
+    payload = encode(image(10), ".png")
+    n = 150
+    frames = [
+        json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": i}).encode() for i in range(n)
+    ]
+    async with running(source, queue, delay=0.003) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, frames)
+        await wait_for(lambda: len(consumer.frames) == n, what="every frame", within_s=60)
+    assert [f.frame_id for f in consumer.frames] == [str(i) for i in range(n)]
+    assert not telemetry.dropped
+    assert consumer.max_depth <= 2
+
+
+async def test_broker_restart_reconnects_and_frames_flow_again(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry)
+    queue = FrameQueue("line", 4, "every_frame")
+    async with running(source, queue) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, [GOOD])
+        await wait_for(lambda: len(consumer.frames) == 1)
+        mosquitto.stop()
+        await wait_for(lambda: telemetry.connected.get("line") is False, what="disconnect noticed")
+        await wait_for(lambda: telemetry.reconnects["broker:source"] >= 2, what="retries while down")
+        mosquitto.start()  # same port; no persistence: the session is gone, the source subscribes again
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="reconnected")
+        await publish(mosquitto, topic, [GOOD])
+        await wait_for(lambda: len(consumer.frames) == 2, what="a frame after the restart")
+    assert [f.frame_number for f in consumer.frames] == [0, 1]
+
+
+async def test_persistent_session_gets_frames_published_while_disconnected(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    topic = f"{unique_topic}/frames"
+    telemetry = RecordingTelemetry()
+    first = make_source(mosquitto, topic, telemetry, client_id="line-worker")
+    async with running(first, FrameQueue("line", 4, "every_frame")):
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="first session")
+    # the worker is away: QoS 1 frames wait in its session on the broker
+    payload = encode(image(10), ".png")
+    await publish(
+        mosquitto,
+        topic,
+        [json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": i}).encode() for i in range(5)],
+    )
+    telemetry = RecordingTelemetry()
+    second = make_source(mosquitto, topic, telemetry, client_id="line-worker")
+    async with running(second, FrameQueue("line", 8, "every_frame")) as consumer:
+        await wait_for(lambda: len(consumer.frames) == 5, what="frames kept by the session")
+    assert [f.frame_id for f in consumer.frames] == ["0", "1", "2", "3", "4"]
+
+
+async def test_unacknowledged_frames_come_back_after_a_stop_under_backpressure(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    """Frames the worker took from the broker but never queued are not lost when it stops."""
+    topic = f"{unique_topic}/frames"
+    payload = encode(image(10), ".png")
+    frames = [
+        json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": i}).encode() for i in range(12)
+    ]
+    telemetry = RecordingTelemetry()
+    first = make_source(mosquitto, topic, telemetry, client_id="bp-worker", receive_maximum=3)
+    queue = FrameQueue("line", 2, "every_frame")  # nobody consumes it
+    task = asyncio.create_task(first.run(queue))
+    await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+    await publish(mosquitto, topic, frames)
+    await wait_for(lambda: len(queue) == 2, what="queue full")
+    await first.stop()
+    await asyncio.wait_for(task, 10)
+    taken = [queue.get_nowait() for _ in range(2)]
+    second = make_source(mosquitto, topic, RecordingTelemetry(), client_id="bp-worker")
+    async with running(second, FrameQueue("line", 16, "every_frame")) as consumer:
+        await wait_for(lambda: len(consumer.frames) >= 10, what="the rest")
+    ids = [f.frame_id for f in taken if f] + [f.frame_id for f in consumer.frames]
+    assert sorted(set(ids), key=int) == [str(i) for i in range(12)]
+    assert len(ids) == 12  # nothing twice either: only queued frames were acknowledged
+
+
+def test_config_bounds() -> None:
+    with pytest.raises(ValidationError, match="max_payload_bytes"):
+        MqttSourceConfig(id="m", topic="t", max_payload_bytes=10**10)
+    with pytest.raises(ValidationError, match="shared_group"):
+        MqttSourceConfig(id="m", topic="t", shared_group="a/b")
+    with pytest.raises(ValidationError, match="topic"):
+        MqttSourceConfig(id="m", topic="$share/g/t")
+    assert MqttSourceConfig(id="m", topic="a/#", shared_group="g").subscription == "$share/g/a/#"
