@@ -73,7 +73,7 @@ class HealthState:
     model_loaded: bool = False
     broker_connected: bool = False
     shutting_down: bool = False
-    sources_attached: set[str] = field(default_factory=set)
+    sources_attached: frozenset[str] = frozenset()
     last_heartbeat: float = field(default=math.nan)
     last_batcher_progress: float = math.nan
     batcher_idle: bool = True
@@ -94,10 +94,11 @@ class HealthState:
         self.broker_connected = connected
 
     def source_attached(self, source: str, attached: bool = True) -> None:
+        # rebind instead of mutating: probes may read the set from another thread
         if attached:
-            self.sources_attached.add(source)
+            self.sources_attached = self.sources_attached | {source}
         else:
-            self.sources_attached.discard(source)
+            self.sources_attached = self.sources_attached - {source}
 
     def begin_shutdown(self) -> None:
         """SIGTERM: readiness turns false at once, before anything else stops."""
@@ -189,15 +190,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[METRICS_KEY].render(request.headers.get("Accept"))
-    mime, _, params = content_type.partition(";")
-    charset = "utf-8" if "charset=utf-8" in params.replace(" ", "").lower() else None
-    resp = web.Response(body=body, headers={"Cache-Control": "no-store"})
-    resp.content_type = mime.strip()
-    if charset:
-        resp.charset = charset
-    # keep the exact Content-Type (version=... parameters) Prometheus negotiates on
-    resp.headers["Content-Type"] = content_type
-    return resp
+    # the exact Content-Type (with its version= parameter) is what Prometheus negotiates on
+    return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
 def _hub(request: web.Request) -> PreviewHub:

@@ -1,0 +1,81 @@
+"""The HTTP app's other routes: index, source stats, snapshots, preview off; the modules' exports."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.ops.conftest import ServeFactory, make_detections
+from worker.http_server import HealthState
+from worker.metrics import Metrics
+from worker.preview import PreviewHub
+
+
+async def test_preview_off_serves_a_plain_index_and_no_preview_routes(serve: ServeFactory) -> None:
+    async with serve(Metrics("p"), HealthState(), PreviewHub(enabled=False)) as s:
+        status, body, _ = await s.get("/")
+        assert status == 200 and b"live preview off" in body
+        assert (await s.get("/preview/cam1.jpg"))[0] == 404
+        assert (await s.get("/preview/ws"))[0] == 404
+    async with serve(Metrics("p"), HealthState()) as s:  # no hub at all
+        assert b"live preview off" in (await s.get("/"))[1]
+
+
+async def test_page_sources_json_and_snapshot(serve: ServeFactory) -> None:
+    metrics = Metrics("line-3", sources=["cam1"])
+    metrics.frame_received("cam1")
+    metrics.frames_processed("cam1")
+    metrics.e2e_latency("cam1", 0.2)
+    metrics.frame_dropped("cam1", "stale", 2)
+    hub = PreviewHub(max_width=200)
+    hub.set_sources(["cam1"])
+    try:
+        async with serve(metrics, HealthState(), hub) as s:
+            status, body, headers = await s.get("/")
+            assert status == 200 and headers["Content-Type"].startswith("text/html")
+            assert b"/preview/ws" in body and b"segstreamFrames" in body
+
+            status, payload = await s.get_json("/api/sources")
+            assert status == 200 and payload["pipeline"] == "line-3" and payload["ready"] is False
+            (row,) = payload["sources"]
+            assert (row["id"], row["received"], row["processed"], row["dropped"]) == ("cam1", 1, 1, 2)
+            assert row["latency_ms"] == 200.0  # from the metrics until the hub sees frames
+
+            assert (await s.get("/preview/nope.jpg"))[0] == 404
+            # no frame yet: the snapshot request makes the hub want frames, then waits for one
+            assert not hub.wants("cam1")
+            waiting = s.get("/preview/cam1.jpg")
+            task = asyncio.create_task(waiting)
+            for _ in range(100):
+                if hub.wants("cam1"):
+                    break
+                await asyncio.sleep(0.01)
+            assert hub.wants("cam1")
+            image = np.full((100, 400, 3), 30, np.uint8)
+            hub.offer("cam1", image, make_detections((100, 400), [(100, 20, 200, 80)], [0]), ["bolt"])
+            status, jpeg, headers = await task
+            assert status == 200 and headers["Content-Type"] == "image/jpeg" and headers["X-Frame-Seq"] == "1"
+            decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert decoded.shape == (50, 200, 3)
+    finally:
+        hub.close()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["worker.metrics", "worker.http_server", "worker.preview", "worker.annotate", "worker.logging_setup"],
+)
+def test_all_lists_exactly_the_public_names(module: str) -> None:
+    mod = importlib.import_module(module)
+    public = {
+        name
+        for name, value in vars(mod).items()
+        if not name.startswith("_") and getattr(value, "__module__", module) == module and callable(value)
+    }
+    assert set(mod.__all__) >= public, public - set(mod.__all__)
+    for name in mod.__all__:
+        assert hasattr(mod, name), name
