@@ -121,9 +121,9 @@ def annotate(
             continue
         crop = crop[:h, :w]
         roi = out[y0 : y0 + h, x0 : x0 + w]
-        color = np.array(class_color(class_ids[i]), dtype=np.float32)
+        fill = np.array(class_color(class_ids[i]), dtype=np.float32)
         pixels = roi[crop].astype(np.float32)
-        roi[crop] = (pixels * (1.0 - mask_alpha) + color * mask_alpha).astype(np.uint8)
+        roi[crop] = (pixels * (1.0 - mask_alpha) + fill * mask_alpha).astype(np.uint8)
         contours, _ = cv2.findContours(
             crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0)
         )
@@ -165,4 +165,4 @@ def fit_width(image: npt.NDArray[np.uint8], max_width: int) -> npt.NDArray[np.ui
     if width <= max_width:
         return image
     new_h = max(1, round(height * max_width / width))
-    return cv2.resize(image, (max_width, new_h), interpolation=cv2.INTER_AREA)
+    return np.asarray(cv2.resize(image, (max_width, new_h), interpolation=cv2.INTER_AREA), dtype=np.uint8)

@@ -171,7 +171,7 @@ class HealthState:
 METRICS_KEY = web.AppKey("metrics", Metrics)
 HEALTH_KEY = web.AppKey("health", HealthState)
 PREVIEW_KEY = web.AppKey("preview", PreviewHub)
-_SOCKETS_KEY = web.AppKey("preview_sockets", weakref.WeakSet[web.WebSocketResponse])
+_SOCKETS_KEY: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("preview_sockets")
 
 
 def _probe(report: HealthReport) -> web.Response:
@@ -320,7 +320,8 @@ async def _preview_ws(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[_SOCKETS_KEY]):
+    sockets = app[_SOCKETS_KEY]
+    for ws in list(sockets):
         await ws.close(code=1001, message=b"server shutdown")
 
 

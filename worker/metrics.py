@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -251,7 +252,7 @@ class Metrics:
                     latency=self._latency.labels(key),
                     queue_depth=self._queue_depth.labels(key),
                     connected=self._source_connected.labels(key),
-                    dropped=_Children(lambda reason, k=key: dropped_for(k, reason), self._limit, self._lock),
+                    dropped=_Children(functools.partial(dropped_for, key), self._limit, self._lock),
                 )
                 for reason in DROP_REASONS:
                     s.dropped.get(reason)
