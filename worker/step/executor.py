@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.errors import ConfigError, ModelError, ParameterError, SegstreamError
+from worker.errors import ConfigError, ModelError, ParameterError, SegstreamError, StepError
 from worker.frame import Frame
 from worker.models.onnx_backend import OnnxSegmentationModel, RawSegmentation
 from worker.models.registry import ModelRegistry
@@ -276,15 +276,21 @@ class WorkflowRunner:
                 if isinstance(raw, SegstreamError):
                     outcomes[i].error = raw
                     continue
-                detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
+                try:
+                    detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
+                    predictions = serialize_predictions(
+                        detections,
+                        model.class_names,
+                        parent_id=frames[i].frame_id,
+                        mask_format="rle" if params.rle_masks else "polygon",
+                        id_factory=self._new_id,
+                    )
+                except ValueError as exc:  # outputs the post-processing cannot take (a broken model)
+                    error = StepError(f"step {step.name!r}: post-processing failed: {exc}", step=step.name)
+                    error.reason = "postprocess_error"
+                    outcomes[i].error = error
+                    continue
                 inference_id = self._new_id()
-                predictions = serialize_predictions(
-                    detections,
-                    model.class_names,
-                    parent_id=frames[i].frame_id,
-                    mask_format="rle" if params.rle_masks else "polygon",
-                    id_factory=self._new_id,
-                )
                 values: dict[str, Any] = {"inference_id": inference_id, "predictions": predictions}
                 if "model_id" in step.outputs:
                     values["model_id"] = params.model_id
