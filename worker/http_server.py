@@ -300,7 +300,8 @@ async def _send_frames(ws: web.WebSocketResponse, app: web.Application, hub: Pre
 
 async def _preview_ws(request: web.Request) -> web.WebSocketResponse:
     hub = _hub(request)
-    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1 << 16)
+    # timeout: how long close() waits for the viewer's close frame (a hung browser must not stall shutdown)
+    ws = web.WebSocketResponse(timeout=2.0, heartbeat=20.0, max_msg_size=1 << 16)
     await ws.prepare(request)
     sockets = request.app[_SOCKETS_KEY]
     sockets.add(ws)

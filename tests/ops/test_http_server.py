@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import importlib
 
+import aiohttp
 import cv2
 import numpy as np
 import pytest
 
 from tests.ops.conftest import ServeFactory, make_detections
-from worker.http_server import HealthState
+from worker.http_server import HealthState, HttpServer, build_app
 from worker.metrics import Metrics
 from worker.preview import PreviewHub
 
@@ -79,3 +80,23 @@ def test_all_lists_exactly_the_public_names(module: str) -> None:
     assert set(mod.__all__) >= public, public - set(mod.__all__)
     for name in mod.__all__:
         assert hasattr(mod, name), name
+
+
+async def test_shutdown_closes_connected_preview_viewers_promptly() -> None:
+    hub = PreviewHub()
+    hub.set_sources(["cam1"])
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        server = HttpServer(build_app(Metrics("p"), HealthState(), hub), "127.0.0.1", 0)
+        async with server:
+            ws = await session.ws_connect(f"http://127.0.0.1:{server.port}/preview/ws")
+            first = await ws.receive_json(timeout=5)
+            assert first["type"] == "stats" and first["sources"][0]["id"] == "cam1"
+            assert hub.viewers == 1
+            started = loop.time()
+        assert loop.time() - started < 3.0
+        msg = await ws.receive(timeout=5)
+        assert msg.type in {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING}
+        await ws.close()
+    assert hub.viewers == 0
+    hub.close()
