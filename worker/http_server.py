@@ -121,6 +121,7 @@ class HealthState:
     async def heartbeat(self, interval_s: float = 1.0, on_lag: Callable[[float], None] | None = None) -> None:
         """Beat every ``interval_s`` and measure how late the loop wakes (runs until cancelled)."""
         loop = asyncio.get_running_loop()
+        self.beat()  # start-up work before the first beat (model loading) is not a stall
         while True:
             start = loop.time()
             await asyncio.sleep(interval_s)

@@ -117,6 +117,18 @@ async def test_heartbeat_task_beats_and_reports_loop_lag() -> None:
     assert b"segstream_event_loop_lag_seconds " in metrics.render()[0]
 
 
+async def test_heartbeat_beats_at_once_when_started_after_a_long_start_up() -> None:
+    clock = ManualClock()
+    health = HealthState(stale_after_s=5.0, clock=clock)
+    clock.advance(60)  # e.g. a slow model load before the loop's tasks start
+    assert not health.liveness().ok
+    task = asyncio.create_task(health.heartbeat(10.0))
+    await asyncio.sleep(0)
+    assert health.liveness().ok
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def test_stale_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stale_after_s"):
         HealthState(stale_after_s=0)
