@@ -231,3 +231,38 @@ async def test_rtsp_frozen_camera_hits_the_read_timeout_and_recovers(
         before = len(consumer.frames)
         await wait_for(lambda: len(consumer.frames) >= before + 3, what="frames after the freeze")
     assert "source_unavailable" in errors.reasons()
+
+
+class HangingFirstOpen(VideoSource):
+    """A capture whose first open hangs past every FFmpeg timeout (as a wedged driver can)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.release_hang = threading.Event()
+        self.opens = 0
+
+    def _open(self, ctx):  # type: ignore[no-untyped-def]
+        self.opens += 1
+        if self.opens == 1:
+            with ctx.busy():
+                self.release_hang.wait(30)
+            return None
+        return super()._open(ctx)
+
+
+async def test_watchdog_abandons_a_hung_reader_and_starts_a_fresh_one(
+    tmp_path: Path, errors: ErrorSink
+) -> None:
+    clip = write_clip(tmp_path / "clip.avi", 6)
+    telemetry = RecordingTelemetry()
+    cfg = VideoSourceConfig(id="hung", url=str(clip), open_timeout_s=0.2, read_timeout_s=0.2, watchdog_s=0.6)
+    source = HangingFirstOpen(cfg, telemetry=telemetry, on_error=errors)
+    queue = FrameQueue("hung", 8, "every_frame")
+    consumer = Consumer(queue)
+    await asyncio.wait_for(asyncio.gather(source.run(queue), consumer.run()), 30)
+    assert [f.frame_number for f in consumer.frames] == list(range(6))  # from the second reader
+    assert errors.reasons() == ["source_stalled"] and telemetry.reconnects["source:hung"] == 1
+    assert len(reader_threads("hung")) == 1  # the abandoned one is still stuck
+    source.release_hang.set()
+    await wait_for(lambda: not reader_threads("hung"), what="the abandoned reader to exit")
+    assert len(consumer.frames) == 6  # it handed nothing over after being abandoned

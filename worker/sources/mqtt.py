@@ -288,7 +288,9 @@ class MqttSource:
 
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message, queue: FrameQueue) -> bool:
         """Decode one message and queue its frame; False if the queue is closed."""
-        assert self._pool is not None
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("MqttSource._handle outside run()")
         number = self._frame_number
         self._frame_number += 1
         self.telemetry.frame_received(self.source_id)
@@ -296,9 +298,12 @@ class MqttSource:
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode() if payload is not None else b""
         try:
-            if len(payload) > self.config.max_payload_bytes:  # before copying it to a thread
-                parse_payload(payload, max_bytes=self.config.max_payload_bytes)
-            parsed, image = await self._pool.run(
+            limit = self.config.max_payload_bytes
+            if len(payload) > limit:  # refused before it is copied to a thread
+                raise FrameDecodeError(
+                    f"payload of {len(payload)} bytes exceeds max_payload_bytes={limit}", reason="oversize"
+                )
+            parsed, image = await pool.run(
                 _decode, bytes(payload), self.config.max_payload_bytes, self.config.max_image_pixels
             )
         except FrameDecodeError as exc:
