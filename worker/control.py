@@ -88,6 +88,8 @@ class ControlListener:
         self.worker_id = worker_id
         self.applied = 0
         self.refused = 0
+        #: set while subscribed to the control topic (messages sent before that are not seen)
+        self.subscribed = asyncio.Event()
 
     def handle(self, payload: bytes) -> dict[str, Any]:
         """Apply one control message; returns the reply document."""
@@ -111,12 +113,14 @@ class ControlListener:
                     self.broker, identifier=f"{self.worker_id}-control", max_queued_incoming_messages=64
                 ) as client:
                     await client.subscribe(self.topic, qos=1)
+                    self.subscribed.set()
                     backoff.reset()
                     async for message in client.messages:
                         payload = message.payload if isinstance(message.payload, bytes) else b""
                         reply = self.handle(payload)
                         await client.publish(self.result_topic, json.dumps(reply, default=str), qos=1)
             except aiomqtt.MqttError as exc:
+                self.subscribed.clear()
                 self._telemetry.reconnect("broker:control")
                 delay = backoff.next_delay()
                 log.warning("control topic: broker connection lost (%s); retrying in %.1fs", exc, delay)
