@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import os
 import shlex
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
