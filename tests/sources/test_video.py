@@ -266,3 +266,20 @@ async def test_watchdog_abandons_a_hung_reader_and_starts_a_fresh_one(
     source.release_hang.set()
     await wait_for(lambda: not reader_threads("hung"), what="the abandoned reader to exit")
     assert len(consumer.frames) == 6  # it handed nothing over after being abandoned
+
+
+DEMO_CLIP = Path(__file__).resolve().parents[2] / "worker" / "assets" / "demo_clip.mp4"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not DEMO_CLIP.exists(), reason="demo clip not built")
+async def test_rtsp_serving_the_demo_clip(rtsp_servers: Callable[..., RtspServer]) -> None:
+    server = rtsp_servers(path="/clip", file=DEMO_CLIP)
+    reference = cv2.VideoCapture(str(DEMO_CLIP))
+    size = (int(reference.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(reference.get(cv2.CAP_PROP_FRAME_WIDTH)))
+    reference.release()
+    source = VideoSource(rtsp_config("clip", server.url))
+    queue = FrameQueue("clip", 4, "latest")
+    async with running(source, queue) as consumer:
+        await wait_for(lambda: len(consumer.frames) >= 5, what="clip frames over RTSP")
+    assert consumer.frames[0].image.shape[:2] == size

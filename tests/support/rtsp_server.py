@@ -6,10 +6,11 @@ Run it with the *system* Python (the venv's Python cannot import Debian's ``gi``
     /usr/bin/python3 tests/support/rtsp_server.py --port 8554 --path /clip --file worker/assets/demo_clip.mp4
 
 Without ``--file`` the media is a live ``videotestsrc`` (a moving ball) encoded with
-``x264enc tune=zerolatency``; with ``--file`` an H.264 MP4 is demuxed and re-packetized (no re-encoding,
-so the server stays cheap on a small machine). It binds to 127.0.0.1 only, prints ``READY <url>`` on
-stdout once it listens, and exits cleanly on SIGTERM/SIGINT. A test kills and restarts it on the same
-port to simulate a camera going away (see ``tests/support/rtsp.py``).
+``x264enc tune=zerolatency``; with ``--file`` an MP4's video (H.264 or MPEG-4 Part 2) is demuxed and
+re-packetized without re-encoding, so the server stays cheap on a small machine. It binds to
+127.0.0.1 only, prints ``READY <url>`` on stdout once it listens, and exits cleanly on SIGTERM/SIGINT.
+A test kills and restarts it on the same port to simulate a camera going away (see
+``tests/support/rtsp.py``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,28 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 
+def file_codec(path: str) -> str:
+    """``"h264"`` or ``"mpeg4"`` from the MP4's sample entry (``avc1``/``avc3`` or ``mp4v``)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    at = data.find(b"stsd")
+    # stsd: type, version+flags (4), entry count (4), then the first entry: size (4), format (4)
+    fmt = data[at + 16 : at + 20] if at >= 0 else b""
+    if fmt in (b"avc1", b"avc3"):
+        return "h264"
+    if fmt == b"mp4v":
+        return "mpeg4"
+    raise SystemExit(f"{path}: neither H.264 nor MPEG-4 Part 2 video (no re-encoding here)")
+
+
 def launch_line(args: argparse.Namespace) -> str:
     """The gst-launch description of the served media (one RTP payloader named ``pay0``)."""
     if args.file:
-        return (
-            f'( filesrc location="{args.file}" ! qtdemux ! h264parse '
-            "! rtph264pay name=pay0 pt=96 config-interval=1 )"
-        )
+        if file_codec(args.file) == "h264":
+            parse_pay = "h264parse ! rtph264pay name=pay0 pt=96 config-interval=1"
+        else:
+            parse_pay = "mpeg4videoparse config-interval=-1 ! rtpmp4vpay name=pay0 pt=96 config-interval=1"
+        return f'( filesrc location="{args.file}" ! qtdemux ! {parse_pay} )'
     return (
         f"( videotestsrc is-live=true pattern={args.pattern} "
         f"! video/x-raw,width={args.width},height={args.height},framerate={args.fps}/1 "
