@@ -1,0 +1,65 @@
+"""The shipped demo model: loads through the worker's backend, spec layout, accuracy on fresh frames."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from training.data import TEST
+from training.evaluate import DEFAULT_PACKAGE, coco_eval, detections_to_coco, predict, synthetic_set
+from worker.models.onnx_backend import OnnxSegmentationModel
+from worker.models.package import load_model_metadata
+from worker.step.postprocess import PostprocessParams
+
+CLASSES = ("nut", "washer", "bolt", "bracket")
+
+
+@pytest.fixture(scope="module")
+def model() -> OnnxSegmentationModel:
+    return OnnxSegmentationModel(DEFAULT_PACKAGE, intra_op_threads=2, inter_op_threads=1)
+
+
+def test_package_files_and_metadata() -> None:
+    weights = DEFAULT_PACKAGE / "weights.onnx"
+    assert weights.stat().st_size <= 10 * 1024 * 1024
+    meta = load_model_metadata(DEFAULT_PACKAGE)
+    assert meta.class_names == CLASSES
+    assert meta.input_size == (320, 320) and meta.pad_value == 114 and meta.dynamic_input
+    rec = meta.recommended_parameters
+    assert rec is not None and rec.confidence is not None
+    assert set(rec.per_class_confidence) == set(CLASSES)
+    assert all(0.05 <= t <= 0.95 for t in rec.per_class_confidence.values())
+    raw = json.loads((DEFAULT_PACKAGE / "metadata.json").read_text())
+    assert raw["provenance"]["seed"] == 0 and raw["provenance"]["train_minutes"] > 0
+    assert raw["provenance"]["evaluation"]["held_out"]["segm_accurate"]["map50"] >= 0.92
+
+
+def test_onnx_metadata_props_are_ultralytics_style() -> None:
+    props = {p.key: p.value for p in onnx.load(str(DEFAULT_PACKAGE / "weights.onnx")).metadata_props}
+    assert props["names"] == "{0: 'nut', 1: 'washer', 2: 'bolt', 3: 'bracket'}"
+    assert props["imgsz"] == "[320, 320]" and props["stride"] == "32" and props["task"] == "segment"
+
+
+@pytest.mark.parametrize(("size", "anchors"), [((320, 320), 2100), ((640, 640), 8400), ((256, 448), 2240)])
+def test_outputs_have_the_spec_layout_at_several_input_sizes(size: tuple[int, int], anchors: int) -> None:
+    m = OnnxSegmentationModel(DEFAULT_PACKAGE, intra_op_threads=2, input_size=size, warmup=False)
+    raws = m.infer([np.zeros((720, 1280, 3), np.uint8), np.zeros((300, 300, 3), np.uint8)])
+    h, w = size
+    for raw in raws:
+        assert raw.predictions.shape == (4 + 4 + 32, anchors)
+        assert raw.prototypes.shape == (32, h // 4, w // 4)
+        scores = raw.predictions[4:8]
+        assert scores.min() >= 0.0 and scores.max() <= 1.0  # already sigmoid
+
+
+def test_segm_map50_on_fresh_frames(model: OnnxSegmentationModel) -> None:
+    images, gt = synthetic_set(20261128, TEST, 30)  # a seed that neither training nor evaluation uses
+    (dets,) = predict(
+        model, images, [PostprocessParams(confidence=0.01, iou_threshold=0.5, max_detections=100)]
+    )
+    assert sum(len(d) for d in dets) > 0
+    report = coco_eval(gt, detections_to_coco(dets, [im["id"] for im in gt["images"]]), "segm")
+    assert report["map50"] >= 0.85, report
