@@ -58,6 +58,7 @@ class FrameQueue:
         self._not_full = asyncio.Event()
         self._not_full.set()
         self._closed = False
+        self._waiting_puts = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -69,8 +70,8 @@ class FrameQueue:
 
     @property
     def exhausted(self) -> bool:
-        """Closed and empty: nothing more will ever come out."""
-        return self._closed and not self._items
+        """Closed, empty, and no ``put`` still waiting: nothing more will ever come out."""
+        return self._closed and not self._items and not self._waiting_puts
 
     async def put(self, frame: Frame) -> None:
         """Add a frame (waits for room under ``every_frame``; drops the oldest under ``latest``)."""
@@ -81,11 +82,15 @@ class FrameQueue:
                 self._items.popleft()
                 self.telemetry.frame_dropped(self.source_id, "stale")
         else:
-            while len(self._items) >= self.maxsize:
-                self._not_full.clear()
-                await self._not_full.wait()
-                if self._closed:
-                    raise QueueClosed(f"queue of source {self.source_id!r} is closed")
+            self._waiting_puts += 1
+            try:
+                # closed while waiting: the frame was already read, so it is kept (nothing read under
+                # every_frame is lost); the queue then exceeds maxsize by at most one frame per waiter
+                while len(self._items) >= self.maxsize and not self._closed:
+                    self._not_full.clear()
+                    await self._not_full.wait()
+            finally:
+                self._waiting_puts -= 1
         self._items.append(frame)
         self.telemetry.queue_depth(self.source_id, len(self._items))
         self.ready.set()
@@ -100,7 +105,8 @@ class FrameQueue:
         return frame
 
     def close(self) -> None:
-        """No more frames will be put; frames already queued can still be taken."""
+        """No new ``put`` is accepted; frames already queued, and those of puts already waiting for
+        room (``every_frame``), can still be taken."""
         self._closed = True
         self._not_full.set()
         self.ready.set()

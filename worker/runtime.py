@@ -188,6 +188,7 @@ class Worker:
         self._model_pool.shutdown(wait=False)
         self._decode_pool.shutdown(wait=False)
         self.preview.close()
+        self._log_totals(code)
         if self.config.print_summary:
             print(self.summary.render(), file=sys.stderr, flush=True)
         return code
@@ -223,6 +224,18 @@ class Worker:
         if self._recorder is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._recorder.close)
         return code
+
+    def _log_totals(self, code: int) -> None:
+        """One final line per source (frames received = processed + dropped when nothing was lost)."""
+        for source, totals in self.metrics.snapshot().items():
+            log.info(
+                "source %s: received=%d processed=%d dropped=%d",
+                source,
+                totals.received,
+                totals.processed,
+                totals.dropped,
+            )
+        log.info("worker stopped (exit code %d)", code)
 
     def _start_control(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | None:
         if self.config.broker is None or not self.config.control.enabled:

@@ -20,6 +20,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from tests.support.onnx_models import (
     build_segmentation_model,
@@ -54,11 +56,12 @@ BOXES = [[16, 16, 16, 16], [44, 44, 12, 20], [48, 12, 8, 8]]
 SCORES = [[0.9, 0.05, 0.0], [0.1, 0.6, 0.0], [0.0, 0.0, 0.3]]
 
 
-def make_models_dir(root: Path, *, input_size: tuple[int, int] = (64, 64)) -> Path:
+def make_models_dir(root: Path, *, slow_channels: int = 0) -> Path:
     """Write the test model package ``parts/1`` under ``root`` and return ``root``.
 
-    With ``input_size`` other than 64x64 the model has dynamic spatial axes and the pipeline can run it
-    at a bigger size (slower inference, for drain tests); the boxes stay in 64x64 input pixels.
+    ``slow_channels`` > 0 adds a 7x7 convolution with that many output channels over a 256x256 input
+    (its result is multiplied by 0, so the outputs do not change): inference then costs what a real
+    model costs on a CPU (tens to hundreds of ms), for tests of what happens while frames wait.
     """
     coefficients = np.zeros((3, 32), np.float32)
     coefficients[:, 0] = 1.0  # prototype 0 is +8 everywhere: each mask fills its box
@@ -68,11 +71,39 @@ def make_models_dir(root: Path, *, input_size: tuple[int, int] = (64, 64)) -> Pa
         3,
         candidates=candidate_rows(BOXES, SCORES, coefficients),
         prototypes=prototypes,
-        input_size=(64, 64),
-        dynamic_spatial=input_size != (64, 64),
+        input_size=(256, 256) if slow_channels else (64, 64),
     )
-    write_model_package(root / "parts" / "1", model, package_metadata(CLASSES, (64, 64)))
+    if slow_channels:
+        model = _with_busy_work(model, slow_channels)
+    size = (256, 256) if slow_channels else (64, 64)
+    write_model_package(root / "parts" / "1", model, package_metadata(CLASSES, size))
     return root
+
+
+def _with_busy_work(model: onnx.ModelProto, channels: int) -> onnx.ModelProto:
+    """``output0 += 0 * mean(conv7x7(images))``: real work whose result does not change the outputs."""
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["output0_plain" if name == "output0" else name for name in node.output]
+    weights = np.random.default_rng(0).standard_normal((channels, 3, 7, 7)).astype(np.float32)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(weights, "busy_weights"),
+            numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "busy_shape"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "busy_zero"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Conv", ["images", "busy_weights"], ["busy_conv"], pads=[3, 3, 3, 3]),
+            helper.make_node("ReduceMean", ["busy_conv"], ["busy_mean"], keepdims=1),
+            helper.make_node("Reshape", ["busy_mean", "busy_shape"], ["busy_flat"]),
+            helper.make_node("Mul", ["busy_flat", "busy_zero"], ["busy_nothing"]),
+            helper.make_node("Add", ["output0_plain", "busy_nothing"], ["output0"]),
+        ]
+    )
+    onnx.checker.check_model(model)
+    return model
 
 
 def workflow_v4(confidence: float = 0.4) -> dict[str, Any]:

@@ -143,7 +143,9 @@ class ThreadHandover:
                 return True
             except concurrent.futures.TimeoutError:
                 if self._stop.is_set():
-                    future.cancel()
+                    # the reader stops, but the frame it already read is not thrown away: its put
+                    # stays pending on the loop and enters the queue when there is room, or when the
+                    # queue is closed (FrameQueue keeps frames of puts waiting at close)
                     return False
             except (QueueClosed, concurrent.futures.CancelledError):
                 self.closed = True
