@@ -121,9 +121,9 @@ async def subscribe(broker: MosquittoBroker, stats: Stats, subscribed: asyncio.E
             stats.received_at[body["frame_id"]] = now
 
 
-async def wait_ready(port: int, proc: asyncio.subprocess.Process, timeout: float) -> None:
+async def wait_ready(port: int, proc: asyncio.subprocess.Process, within_s: float) -> None:
     """Poll the worker's ``/readyz`` until it answers 200."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
@@ -133,7 +133,7 @@ async def wait_ready(port: int, proc: asyncio.subprocess.Process, timeout: float
                     if response.status == 200:
                         return
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"the worker was not ready within {timeout:.0f} s")
+    raise RuntimeError(f"the worker was not ready within {within_s:.0f} s")
 
 
 async def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -169,7 +169,8 @@ def report(stats: Stats, metrics: dict[str, list[tuple[dict[str, str], float]]],
     received = len(stats.received)
     print(
         f"\npublished {published} frames ({published / seconds:.1f}/s), received {received} predictions "
-        f"({received / seconds:.1f}/s); late publishes {stats.late_publishes}; error reports {len(stats.errors)}"
+        f"({received / seconds:.1f}/s); late publishes {stats.late_publishes}; "
+        f"error reports {len(stats.errors)}"
     )
     print(
         f"worker: mean batch {batch_mean:.2f} frames, model {model_s * 1e3:.1f} ms/batch, "
@@ -228,9 +229,8 @@ def report(stats: Stats, metrics: dict[str, list[tuple[dict[str, str], float]]],
 async def run(args: argparse.Namespace) -> int:
     models_dir = resolve_models_dir(args)
     frames = encode_frames(args.clip, args.clip_frames)
-    print(
-        f"clip: {len(frames)} frames as JPEG, mean {sum(len(f) for f in frames) * 3 / 4 / len(frames) / 1024:.0f} KiB"
-    )
+    kib = sum(len(f) for f in frames) * 3 / 4 / len(frames) / 1024
+    print(f"clip: {len(frames)} frames as JPEG, mean {kib:.0f} KiB")
     with tempfile.TemporaryDirectory(prefix="segstream-latency-") as tmp:
         broker = MosquittoBroker(Path(tmp))
         broker.start()
@@ -276,7 +276,7 @@ async def run(args: argparse.Namespace) -> int:
             proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stdout=log, stderr=log)
         tasks: list[asyncio.Task[None]] = []
         try:
-            await wait_ready(http_port, proc, timeout=180)
+            await wait_ready(http_port, proc, within_s=180)
             subscribed = asyncio.Event()
             tasks.append(asyncio.create_task(subscribe(broker, stats, subscribed)))
             await asyncio.wait_for(subscribed.wait(), 10)
