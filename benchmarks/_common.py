@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -22,7 +24,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ import numpy as np
 from worker.config import PipelineConfig, read_document
 from worker.errors import ModelError, SinkError
 from worker.messages import ErrorReport, FrameResult
+from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "DEMO_PIPELINE",
     "REPO",
     "CountingSink",
+    "PipelineRun",
     "add_model_arguments",
     "build_untrained_package",
     "demo_pipeline_document",
@@ -48,6 +53,7 @@ __all__ = [
     "print_header",
     "read_clip",
     "resolve_models_dir",
+    "run_counted_pipeline",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,3 +281,58 @@ class CountingSink:
     async def close(self, timeout: float = 10.0) -> int:  # noqa: ASYNC109
         self._open = False
         return 0
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One counted worker run: frames/s over the wall time and the process CPU seconds per frame."""
+
+    fps: float
+    cpu_ms_per_frame: float
+
+
+async def run_counted_pipeline(
+    config: PipelineConfig,
+    models_dir: Path | None,
+    frames: int,
+    *,
+    metrics: Metrics | None = None,
+    during: Callable[[Any], Awaitable[None]] | None = None,
+) -> PipelineRun:
+    """Run a ``Worker`` until ``frames`` results; time from its sources starting to the last result.
+
+    Args:
+        config: the pipeline (its sources must yield at least ``frames`` frames).
+        models_dir: handed to the worker.
+        frames: results to wait for; a counting sink then asks the worker to stop.
+        metrics: handed to the worker (default: its own ``Metrics``).
+        during: a coroutine function given the running worker, run from the start until the worker
+            stops (e.g. a scraper); it is cancelled then.
+
+    Raises:
+        RuntimeError: the worker failed or stopped before ``frames`` results.
+    """
+    from worker.runtime import Worker  # the runtime pulls in every stage; only the runs need it
+
+    counter = CountingSink(limit=frames)
+    worker = Worker(config, models_dir=models_dir, extra_sinks=[counter], metrics=metrics)
+    counter.on_limit = worker.request_stop
+    run = asyncio.create_task(worker.run(), name="worker")
+    started = asyncio.create_task(worker.started.wait())
+    await asyncio.wait([run, started], return_when=asyncio.FIRST_COMPLETED)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    side = asyncio.create_task(during(worker)) if during is not None and not run.done() else None
+    try:
+        code = await run
+    finally:
+        started.cancel()
+        if side is not None:
+            side.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await side
+    cpu = time.process_time() - cpu_start
+    if code != 0 or counter.limit_at is None:
+        raise RuntimeError(
+            f"pipeline exited with {code} after {counter.results} results ({counter.errors} errors)"
+        )
+    return PipelineRun(frames / (counter.limit_at - start), 1000.0 * cpu / frames)

@@ -39,13 +39,13 @@ import onnxruntime as ort
 
 from benchmarks._common import (
     DEFAULT_CLIP,
-    CountingSink,
     add_model_arguments,
     demo_pipeline_document,
     iter_clip,
     print_header,
     read_clip,
     resolve_models_dir,
+    run_counted_pipeline,
 )
 from worker.config import PipelineConfig
 from worker.frame import Frame
@@ -53,7 +53,6 @@ from worker.messages import FrameResult
 from worker.models.letterbox import letterbox_batch
 from worker.models.onnx_backend import OnnxSegmentationModel
 from worker.models.registry import ModelRegistry, default_models_dirs
-from worker.runtime import Worker
 from worker.step.executor import WorkflowRunner
 from worker.step.workflow import load_workflow
 
@@ -153,24 +152,6 @@ def run_loop(config: PipelineConfig, models_dir: Path | None, clip: Path, frames
     return frames / elapsed
 
 
-async def run_pipeline(config: PipelineConfig, models_dir: Path | None, frames: int) -> float:
-    """(c): the worker, stopped after ``frames`` results; frames/s from sources starting to the last."""
-    counter = CountingSink(limit=frames)
-    worker = Worker(config, models_dir=models_dir, extra_sinks=[counter])
-    counter.on_limit = worker.request_stop
-    run = asyncio.create_task(worker.run(), name="worker")
-    started = asyncio.create_task(worker.started.wait())
-    await asyncio.wait([run, started], return_when=asyncio.FIRST_COMPLETED)
-    start = time.perf_counter()
-    code = await run
-    started.cancel()
-    if code != 0 or counter.limit_at is None:
-        raise RuntimeError(
-            f"pipeline exited with {code} after {counter.results} results ({counter.errors} errors)"
-        )
-    return frames / (counter.limit_at - start)
-
-
 def _config(args: argparse.Namespace, case: Case, native: int, clip: Path, jsonl: Path) -> PipelineConfig:
     doc = demo_pipeline_document(
         model_id=args.model_id,
@@ -238,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             bare = run_bare(sized, images, case, args.frames)
             loop = run_loop(config, models_dir, args.clip, args.frames, Path(tmp) / "loop.jsonl")
-            pipe = asyncio.run(run_pipeline(config, models_dir, args.frames))
+            pipe = asyncio.run(run_counted_pipeline(config, models_dir, args.frames)).fps
             ratios[case] = (pipe / loop, pipe / bare)
             print(
                 f"{case.label:<32} (a) bare {bare:6.1f} fps  (b) loop {loop:6.1f} fps  "
