@@ -80,6 +80,8 @@ class RunSummary:
     model_seconds: float = 0.0
     postprocess_seconds: float = 0.0
     batches: int = 0
+    #: ``(path, frames written, frames skipped)`` of the annotated video, once it is closed
+    annotated: tuple[str, int, int] | None = None
 
     def add_detections(self, detections: Detections, class_names: Sequence[str]) -> None:
         for class_id in detections.class_id.tolist():
@@ -98,6 +100,11 @@ class RunSummary:
             "batches": self.batches,
             "model_ms_per_frame": round(1000 * self.model_seconds / total, 2) if total else None,
             "postprocess_ms_per_frame": round(1000 * self.postprocess_seconds / total, 2) if total else None,
+            "annotated_video": (
+                None
+                if self.annotated is None
+                else dict(zip(("path", "written", "skipped"), self.annotated, strict=True))
+            ),
         }
 
     def render(self) -> str:
@@ -111,4 +118,8 @@ class RunSummary:
         ]
         if d["errors"]:
             lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in d["errors"].items()))
+        if self.annotated is not None:
+            path, written, skipped = self.annotated
+            behind = f", {skipped} skipped (the writer fell behind)" if skipped else ""
+            lines.append(f"annotated video: {path} ({written} frames{behind})")
         return "\n".join(lines)

@@ -222,7 +222,15 @@ class Worker:
         if undelivered:
             log.error("%d messages could not be delivered before exit", undelivered)
         if self._recorder is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._recorder.close)
+            recorder = self._recorder
+            await asyncio.get_running_loop().run_in_executor(None, recorder.close)
+            self.summary.annotated = (str(recorder.path), recorder.written, recorder.skipped)
+            if recorder.skipped:
+                log.warning(
+                    "annotated video %s: %d frames skipped (the writer fell behind)",
+                    recorder.path,
+                    recorder.skipped,
+                )
         return code
 
     def _log_totals(self, code: int) -> None:

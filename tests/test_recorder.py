@@ -1,0 +1,91 @@
+"""The run summary and the annotated video writer."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from worker.recorder import AnnotatedVideoWriter, RunSummary
+from worker.step.detections import Detections, MaskCrops
+
+NAMES = ("nut", "washer", "bolt")
+
+
+def _detections(shape: tuple[int, int] = (48, 64)) -> Detections:
+    crop = np.ones((8, 10), bool)
+    return Detections(
+        xyxy=np.array([[4, 6, 14, 14], [30, 20, 40, 28]], np.float32),
+        confidence=np.array([0.9, 0.5], np.float32),
+        class_id=np.array([2, 0]),
+        masks=MaskCrops([crop, crop], [[4, 6], [30, 20]]),
+        frame_shape=shape,
+    )
+
+
+def test_summary_counts_and_renders() -> None:
+    summary = RunSummary()
+    summary.frames["cam"] += 3
+    summary.batches = 2
+    summary.model_seconds = 0.03
+    summary.add_detections(_detections(), NAMES)
+    summary.add_detections(_detections(), NAMES)
+    summary.errors["decode_error"] += 1
+    summary.annotated = ("out/a.mp4", 3, 1)
+    d = summary.to_dict()
+    assert d["frames"] == 3 and d["batches"] == 2 and d["model_ms_per_frame"] == 10.0
+    assert d["detections_per_class"] == {"bolt": 2, "nut": 2}
+    assert d["annotated_video"] == {"path": "out/a.mp4", "written": 3, "skipped": 1}
+    text = summary.render()
+    assert text.startswith("frames: 3 in ") and "(" in text and "2 batches" in text
+    assert "detections per class: bolt=2, nut=2" in text
+    assert "errors: decode_error=1" in text
+    assert "annotated video: out/a.mp4 (3 frames, 1 skipped (the writer fell behind))" in text
+
+
+def test_summary_of_an_empty_run() -> None:
+    d = RunSummary().to_dict()
+    assert d["frames"] == 0 and d["model_ms_per_frame"] is None and d["annotated_video"] is None
+    assert "detections per class: none" in RunSummary().render()
+
+
+def test_writer_writes_every_frame_it_is_offered(tmp_path: Path) -> None:
+    path = tmp_path / "video" / "annotated.avi"
+    writer = AnnotatedVideoWriter(path, 25.0, NAMES)
+    image = np.full((48, 64, 3), 90, np.uint8)
+    for i in range(6):
+        writer.offer(image, _detections() if i % 2 else None)
+    writer.close()
+    assert (writer.written, writer.skipped) == (6, 0)
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    assert len(frames) == 6 and frames[0].shape == (48, 64, 3)
+    # frames with detections carry drawings, the others are the plain image
+    assert np.abs(frames[1].astype(int) - 90).max() > 60
+    assert np.abs(frames[0].astype(int) - 90).max() < 30
+
+
+def test_writer_skips_and_counts_when_it_falls_behind(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    gate = threading.Event()
+    original = AnnotatedVideoWriter._run
+
+    def held(self: AnnotatedVideoWriter) -> None:
+        gate.wait(10)
+        original(self)
+
+    monkeypatch.setattr(AnnotatedVideoWriter, "_run", held)
+    writer = AnnotatedVideoWriter(tmp_path / "a.avi", 25.0, NAMES, max_queue=2)
+    image = np.zeros((48, 64, 3), np.uint8)
+    for _ in range(5):
+        writer.offer(image, None)
+    gate.set()
+    writer.close()
+    assert (writer.written, writer.skipped) == (2, 3)
