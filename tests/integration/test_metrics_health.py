@@ -35,7 +35,11 @@ async def _status(port: int, path: str) -> int:
 
 
 async def test_metrics_and_probes_through_a_run(
-    mosquitto: MosquittoBroker, broker_config: BrokerConfig, models_dir: Path, tmp_path: Path, unique_topic: str
+    mosquitto: MosquittoBroker,
+    broker_config: BrokerConfig,
+    models_dir: Path,
+    tmp_path: Path,
+    unique_topic: str,
 ) -> None:
     frames_topic = f"{unique_topic}/frames"
     video = write_video(tmp_path / "clip.avi", frames=30)

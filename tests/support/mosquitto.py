@@ -88,7 +88,9 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {self.log_path.read_text()}")
+                raise RuntimeError(
+                    f"mosquitto exited with {self._proc.returncode}: {self.log_path.read_text()}"
+                )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return
