@@ -7,9 +7,9 @@
   finds (almost) nothing, so post-processing and serialization are cheaper than with the trained one.
 - The pipeline: every benchmark starts from ``pipelines/demo.yaml`` (its workflow, batching and model
   settings) and replaces sources, sinks and the HTTP section, so it measures what the demo runs.
-- Thread settings: the benchmarks never change ONNX Runtime's threads behind the pipeline's back;
-  ``--intra-op-threads`` is written into the pipeline's ``model`` section and the bare/loop variants
-  build their sessions with exactly the same ``SessionOptions``.
+- Thread settings: the pipeline runs with the demo's own ``model.intra_op_threads`` and
+  ``inference_threads`` unless a benchmark's ``--intra-op-threads`` / ``--inference-threads`` override
+  them (written into the pipeline document, never changed behind the worker's back).
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def demo_pipeline_document(
     sinks: list[dict[str, Any]],
     max_batch_size: int,
     input_size: int | None,
-    intra_op_threads: int,
+    intra_op_threads: int | None = None,
+    inference_threads: int | None = None,
     http: dict[str, Any] | None = None,
     broker: dict[str, Any] | None = None,
     **extra: Any,
@@ -190,7 +191,10 @@ def demo_pipeline_document(
     doc["print_summary"] = False
     doc["log_level"] = "WARNING"
     model = dict(doc.get("model") or {})
-    model["intra_op_threads"] = intra_op_threads
+    if intra_op_threads is not None:
+        model["intra_op_threads"] = intra_op_threads
+    if inference_threads is not None:
+        doc["inference_threads"] = inference_threads
     if input_size is not None:
         model["input_size"] = [input_size, input_size]
     doc["model"] = model

@@ -267,7 +267,8 @@ async def run(args: argparse.Namespace) -> int:
         print(
             f"worker: {args.sources} MQTT sources (policy latest, queue_size {args.queue_size}), "
             f"max_batch_size {args.batch}, input {args.input_size or 'native'}, "
-            f"intra_op_threads {args.intra_op_threads}, inference_threads {args.inference_threads}; "
+            f"intra_op_threads {doc['model'].get('intra_op_threads', 0)}, "
+            f"inference_threads {doc.get('inference_threads', 1)}; "
             f"{args.sources} x {FPS:.0f} fps for {args.seconds:.0f} s",
             flush=True,
         )
@@ -328,8 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=None, help="model input (square); default native")
     parser.add_argument("--queue-size", type=int, default=2, help="per-source queue (policy latest)")
     parser.add_argument("--batch", type=int, default=4, help="max_batch_size")
-    parser.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--inference-threads", type=int, default=1, help="batches in flight at once")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime intra-op threads (default: the demo's)",
+    )
+    parser.add_argument(
+        "--inference-threads", type=int, default=None, help="batches in flight at once (default: the demo's)"
+    )
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument(
         "--clip-frames", type=int, default=100, help="distinct frames the cameras cycle through"

@@ -70,6 +70,7 @@ def _config(args: argparse.Namespace, jsonl: Path, *, observed: bool) -> Pipelin
         max_batch_size=args.batch,
         input_size=None,
         intra_op_threads=args.intra_op_threads,
+        inference_threads=args.inference_threads,
         http=http,
     )
     return PipelineConfig.model_validate(doc)
@@ -117,11 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="max_batch_size")
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes")
     parser.add_argument(
-        "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)"
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime intra-op threads (default: the demo's)",
+    )
+    parser.add_argument(
+        "--inference-threads", type=int, default=None, help="batches in flight at once (default: the demo's)"
     )
     args = parser.parse_args(argv)
     print_header("overhead: pipeline with metrics + HTTP server + closed preview vs. without them")
     models_dir = resolve_models_dir(args)
+    probe = _config(args, Path("unused.jsonl"), observed=False)
+    print(
+        f"pipeline: demo workflow, video file source, JSONL sink, batch {args.batch}, "
+        f"intra_op_threads={probe.model.intra_op_threads}, inference_threads={probe.inference_threads}"
+    )
     runs: dict[bool, list[PipelineRun]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="segstream-overhead-") as tmp:
         asyncio.run(_run_arm(args, models_dir, Path(tmp), observed=False))  # warm-up (page cache, JIT-free)

@@ -1,13 +1,18 @@
 """Throughput of the demo model on the demo clip, three ways in the same run.
 
 (a) ``bare``: ONNX Runtime alone on pre-decoded, pre-letterboxed input tensors (``session.run`` in a
-    loop): the ceiling. Same ``SessionOptions`` as the pipeline's session (thread counts, spinning,
-    graph optimisation), read back from the worker's own model object.
+    loop): the ceiling of one synchronous stream. Its session is built as the worker builds one
+    (spinning off, graph optimisation on) with ``--intra-op-threads`` (default 0: ONNX Runtime's
+    own choice, one thread per physical core, what a plain script gets).
 (b) ``loop``: what a user's own synchronous script does, one thing after the other: read frames
     with OpenCV -> ``WorkflowRunner.run_batch`` (letterbox, inference, post-processing, predictions
     JSON) -> wrap each in the worker's result message -> write one JSON line per frame to a file.
+    Same session settings as (a).
 (c) ``pipeline``: the real worker (``worker.runtime.Worker``) on the demo pipeline with a file
-    source and the JSONL sink: reader thread -> bounded queue -> batcher -> model thread -> sink.
+    source and the JSONL sink: reader thread -> bounded queue -> batcher -> model threads -> sink,
+    with the demo pipeline's own ``model.intra_op_threads`` and ``inference_threads`` (batches in
+    flight at once), unless ``--pipeline-intra-op-threads`` / ``--inference-threads`` say otherwise.
+    The settings of each are printed first.
 
 Each runs over the same first ``--frames`` frames of the clip, at batch sizes 1 and 4, with the
 model at its native input size and at 640x640 (the network is fully convolutional; a 640 input costs
@@ -152,17 +157,33 @@ def run_loop(config: PipelineConfig, models_dir: Path | None, clip: Path, frames
     return frames / elapsed
 
 
-def _config(args: argparse.Namespace, case: Case, native: int, clip: Path, jsonl: Path) -> PipelineConfig:
+def _config(
+    args: argparse.Namespace, case: Case, native: int, clip: Path, jsonl: Path, *, baseline: bool
+) -> PipelineConfig:
+    """The pipeline of (c), or (``baseline``) the settings (a) and (b) build their session from."""
     doc = demo_pipeline_document(
         model_id=args.model_id,
         sources=[{"type": "video", "id": "belt", "url": str(clip), "queue_size": 8}],
         sinks=[{"type": "jsonl", "path": str(jsonl)}],
         max_batch_size=case.batch,
         input_size=None if case.input_size == native else case.input_size,
-        intra_op_threads=args.intra_op_threads,
-        inference_threads=args.inference_threads,
+        intra_op_threads=args.intra_op_threads if baseline else args.pipeline_intra_op_threads,
+        inference_threads=1 if baseline else args.inference_threads,
     )
     return PipelineConfig.model_validate(doc)
+
+
+def _describe(name: str, model: OnnxSegmentationModel, inference_threads: int | None = None) -> None:
+    options = model.session_options
+    spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    extra = (
+        "" if inference_threads is None else f", inference_threads={inference_threads} (batches in flight)"
+    )
+    print(
+        f"{name}: intra_op_threads={options.intra_op_num_threads} (0 = one per physical core), "
+        f"inter_op_threads={options.inter_op_num_threads}, spinning={'on' if spinning == '1' else 'off'}, "
+        f"{model.providers[0]}{extra}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,26 +201,36 @@ def main(argv: list[str] | None = None) -> int:
         "--intra-op-threads",
         type=int,
         default=0,
-        help="ONNX Runtime intra-op threads for all three (0: ONNX Runtime's default, one per core)",
+        help="(a) and (b): ONNX Runtime intra-op threads (0: its default, one per physical core: what a "
+        "single synchronous stream runs best with)",
     )
     parser.add_argument(
-        "--inference-threads", type=int, default=1, help="pipeline: batches in flight at once"
+        "--pipeline-intra-op-threads",
+        type=int,
+        default=None,
+        help="(c): ONNX Runtime intra-op threads (default: the demo pipeline's)",
+    )
+    parser.add_argument(
+        "--inference-threads",
+        type=int,
+        default=None,
+        help="(c): batches in flight at once (default: the demo pipeline's)",
     )
     args = parser.parse_args(argv)
     print_header("throughput: (a) bare ONNX Runtime, (b) synchronous loop, (c) full pipeline")
     models_dir = resolve_models_dir(args)
 
-    probe_config = _config(args, Case(0, 1, True), 0, args.clip, Path("unused.jsonl"))
-    probe = _build_runner(probe_config, models_dir)
+    unused = Path("unused.jsonl")
+    probe = _build_runner(_config(args, Case(0, 1, True), 0, args.clip, unused, baseline=True), models_dir)
     model = next(iter(probe.models.values()))
     native = model.input_size[0]
-    options = model.session_options
-    spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
-    print(
-        f"ONNX Runtime {ort.__version__}: intra_op_threads={options.intra_op_num_threads} "
-        f"(0 = one per physical core), inter_op_threads={options.inter_op_num_threads}, "
-        f"spinning={'on' if spinning == '1' else 'off'}, {model.providers[0]}; "
-        f"pipeline inference_threads={args.inference_threads}"
+    pipeline_probe = _config(args, Case(0, 1, True), 0, args.clip, unused, baseline=False)
+    print(f"ONNX Runtime {ort.__version__}")
+    _describe("(a), (b)", model)
+    _describe(
+        "(c)",
+        _build_runner(pipeline_probe, models_dir).models[model.model_id],
+        pipeline_probe.inference_threads,
     )
     images = read_clip(args.clip, min(args.frames, 64))
     if args.frames > 250:
@@ -211,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[Case, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="segstream-throughput-") as tmp:
         for case in cases:
-            config = _config(args, case, native, args.clip, Path(tmp) / "pipeline.jsonl")
+            config = _config(args, case, native, args.clip, Path(tmp) / "pipeline.jsonl", baseline=False)
+            base = _config(args, case, native, args.clip, Path(tmp) / "pipeline.jsonl", baseline=True)
             sized = model
             if case.input_size != native:
                 sized = OnnxSegmentationModel(
-                    model.package_path, **_backend_options(config), model_id=model.model_id
+                    model.package_path, **_backend_options(base), model_id=model.model_id
                 )
             bare = run_bare(sized, images, case, args.frames)
-            loop = run_loop(config, models_dir, args.clip, args.frames, Path(tmp) / "loop.jsonl")
+            loop = run_loop(base, models_dir, args.clip, args.frames, Path(tmp) / "loop.jsonl")
             pipe = asyncio.run(run_counted_pipeline(config, models_dir, args.frames)).fps
             ratios[case] = (pipe / loop, pipe / bare)
             print(

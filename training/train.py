@@ -53,7 +53,10 @@ class TrainConfig:
         self.weight_decay = 5e-4
         self.warmup = 0.03  # share of the budget
         self.final_lr = 0.02  # share of lr at the end of the cosine
-        self.ema_decay = 0.9995
+        # mean age of the averaged weights ~ 1 / (1 - decay) = 333 steps: under a tenth of a 40-minute
+        # run, i.e. the low-learning-rate tail. 0.9995 (2000 steps, half the run) made the average lag
+        # behind the trained weights: 0.877 held-out segm mAP50 at 40 minutes.
+        self.ema_decay = 0.997
         self.threads = 2
         self.workers = 2
         self.log_every = 25
@@ -266,6 +269,7 @@ def train(cfg: TrainConfig, out: Path | None) -> SegNet:
             "dataset_generation_seconds": round(cache_s, 1),
             "parameters": n_params,
             "lr": cfg.lr,
+            "ema_decay": cfg.ema_decay,
             "threads": cfg.threads,
             "torch": torch.__version__,
             "machine": platform.machine(),
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-size", type=int, default=10_000, help="number of generated training images")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ema-decay", type=float, default=0.997, help="decay of the weights' moving average")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="processes generating the dataset")
     ap.add_argument("--run-dir", type=Path, default=REPO / "training" / "runs" / "latest")
@@ -298,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         cache_size=a.cache_size,
         batch=a.batch,
         lr=a.lr,
+        ema_decay=a.ema_decay,
         threads=a.threads,
         workers=a.workers,
         run_dir=a.run_dir,
