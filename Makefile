@@ -33,10 +33,13 @@ lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.stamp-test
+## Benchmarks print their figures against a baseline measured in the same run (see benchmarks/README.md).
+bench: $(VENV)/.stamp-test system
 	$(PY) -m benchmarks.postprocess
 	$(PY) -m benchmarks.model
 	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.latency
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -22,9 +22,6 @@ from worker.models.registry import BUNDLED_MODELS_DIR, MODELS_DIR_ENV
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "tests" / "data" / "workflows"
 BUNDLED = BUNDLED_MODELS_DIR / "factory-parts" / "1"
-needs_bundled = pytest.mark.skipif(
-    not (BUNDLED / "weights.onnx").exists(), reason="the bundled model factory-parts/1 is not built"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +195,6 @@ def test_environment_models_dir_wins_over_the_bundled_models(
     assert {p["class"] for p in doc["predictions"]["predictions"]} == {"bolt", "nut"}  # the test model's
 
 
-@needs_bundled
 def test_infer_with_the_bundled_model_on_a_pipeline_file(tmp_path: Path) -> None:
     from training.data import TEST, eval_frame
 
@@ -229,7 +225,6 @@ def test_infer_with_the_bundled_model_on_a_pipeline_file(tmp_path: Path) -> None
         assert mask_utils.decode(rle).any()
 
 
-@needs_bundled
 def test_validate_the_factory_workflows_with_the_bundled_model(capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("factory_v1_v3.yaml", "factory_v4.json"):
         assert main(["validate", str(WORKFLOWS / name)]) == 0, capsys.readouterr().err
