@@ -100,6 +100,12 @@ class PipelineConfig(_Strict):
     model: ModelRuntimeConfig = ModelRuntimeConfig()
     shutdown_grace_s: float = Field(20.0, gt=0, le=600)
     inference_threads: int = Field(1, ge=1, le=8, description="batches in flight at once")
+    blas_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="threads of numpy's/OpenCV's BLAS (the worker parallelises across batches)",
+    )
     annotated_video: AnnotatedVideoConfig | None = None
     print_summary: bool = Field(True, description="print frames, detections per class and fps at the end")
     log_format: Literal["text", "json"] = "text"

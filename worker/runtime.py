@@ -26,7 +26,7 @@ from typing import Any
 
 from worker import __version__
 from worker.batching import Batcher
-from worker.concurrency import BlockingPool
+from worker.concurrency import BlockingPool, limit_blas_threads
 from worker.config import PipelineConfig, load_pipeline
 from worker.control import ControlListener
 from worker.errors import ConfigError, SegstreamError
@@ -138,6 +138,7 @@ class Worker:
         """Run until the inputs end or a stop is requested; returns the exit code."""
         self._background: set[asyncio.Task[Any]] = set()
         loop = asyncio.get_running_loop()
+        limit_blas_threads(self.config.blas_threads)
         self.runner = await loop.run_in_executor(None, self._build_runner)
         self.health.set_model_loaded(True)
         async with AsyncExitStack() as stack:
