@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m training.evaluate --package worker/bundled_models/factory-parts/1 --write
+    python -m training.evaluate --package worker/bundled_models/factory-parts/1 \
+        --input-sizes 320 384 416 448 480 --write
 
 Everything goes through the worker's own code: ``OnnxSegmentationModel`` (letterbox + batched
 ONNX Runtime) and ``postprocess_frame`` (thresholds, NMS, crop-based mask decoding), masks encoded
@@ -13,6 +14,10 @@ with ``worker.step.rle.encode_crop`` exactly as the v4 step publishes them.
 - The demo clip: every frame of ``worker/assets/demo_clip.mp4`` against ``demo_clip_coco.json``.
 - bbox and segm mAP50 and mAP50:95 (pycocotools ``COCOeval``), overall and per class, for each
   ``mask_decode_mode`` (bbox results do not depend on the mode; they are reported once).
+- Input size (``--input-sizes``): the network is fully convolutional, so it can run at another
+  input than it was trained at; each size is tried on the validation frames and the best segm
+  mAP50:95 becomes the package's default ``input_size`` (``--write``); thresholds and metrics are
+  then measured at that size.
 - Recommended thresholds: on ``--val-frames`` frames of stream ``[--val-seed, VAL]``, for each
   class the confidence that maximises F1 of mask matches at IoU 0.5 (and one over all classes).
   ``--write`` stores them in the package's ``metadata.json`` as ``recommended_parameters`` (used by
@@ -316,9 +321,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="write thresholds and metrics into metadata.json")
     ap.add_argument("--report", type=Path, default=REPO / "training" / "runs" / "evaluation.json")
+    ap.add_argument(
+        "--input-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="square input sizes to try on the validation frames; the best (segm mAP50:95, accurate "
+        "masks) becomes the package's default input size (the network is fully convolutional)",
+    )
     a = ap.parse_args(argv)
 
-    model = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, inter_op_threads=1)
     evaluation: dict[str, Any] = {
         "iou_threshold_nms": 0.5,
         "confidence_floor": 0.01,
@@ -327,6 +339,28 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     images, gt = synthetic_set(a.val_seed, VAL, a.val_frames)
+    size: tuple[int, int] | None = None
+    if a.input_sizes:
+        sweep = {}
+        for s in a.input_sizes:
+            m = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, input_size=(s, s))
+            r = evaluate_set(m, images, gt, modes=(("accurate", 0.0),))
+            sweep[s] = {"segm_map": r["segm_accurate"]["map"], "segm_map50": r["segm_accurate"]["map50"]}
+            print(
+                f"validation at input {s}x{s}: segm mAP50 {sweep[s]['segm_map50']:.3f}, "
+                f"mAP50:95 {sweep[s]['segm_map']:.3f}",
+                flush=True,
+            )
+        best = max(sweep, key=lambda s: (round(sweep[s]["segm_map"], 3), sweep[s]["segm_map50"], -s))
+        size = (best, best)
+        evaluation["input_size_selection"] = {
+            "chosen": best,
+            "by": "segm mAP50:95 (accurate) on the validation frames",
+            "validation": {str(k): v for k, v in sweep.items()},
+        }
+        print(f"default input size: {best}x{best}", flush=True)
+    model = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, inter_op_threads=1, input_size=size)
+    evaluation["input_size"] = list(model.input_size)
     (val_dets,) = predict(model, images, [_eval_params("accurate", 0.0, 0.01, 0.5)])
     overall, per_class = f1_thresholds(gt, detections_to_coco(val_dets, [im["id"] for im in gt["images"]]))
     print(f"F1-optimal thresholds on {a.val_frames} validation frames: {overall} {per_class}", flush=True)
@@ -345,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         path = a.package / "metadata.json"
         meta = json.loads(path.read_text())
         meta["recommended_parameters"] = {"confidence": overall, "per_class_confidence": per_class}
+        meta["input_size"] = list(model.input_size)  # the thresholds and metrics hold at this size
         meta.setdefault("provenance", {})["evaluation"] = _compact(evaluation)
         meta["provenance"]["thresholds"] = {
             "method": "per-class F1-optimal confidence, mask IoU 0.5, accurate masks",

@@ -94,9 +94,9 @@ async def test_the_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.Captu
         evaluation.accumulate()
         evaluation.summarize()
     map50 = float(evaluation.stats[1])
-    # the package's own evaluation gives 0.689 on the clip (confidence floor 0.01, see
-    # training/README.md); the demo thresholds with confidence_mode "best", which costs a little recall
-    # (0.656 measured): the published RLEs must score what the model can do, a broken mask path would not
+    # the package's own evaluation gives 0.742 on the clip (confidence floor 0.01, see
+    # training/README.md); the demo thresholds with confidence_mode "best", which costs a little
+    # recall: the published RLEs must score what the model can do, a broken mask path would not
     assert map50 >= 0.6, f"segm mAP50 on the demo clip from the published RLEs: {map50:.3f}"
 
     video = cv2.VideoCapture(str(tmp_path / "annotated.mp4"))
