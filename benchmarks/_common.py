@@ -46,6 +46,7 @@ __all__ = [
     "CountingSink",
     "PipelineRun",
     "add_model_arguments",
+    "add_thread_arguments",
     "build_untrained_package",
     "demo_pipeline_document",
     "iter_clip",
@@ -98,6 +99,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use an untrained network of the demo model's architecture (same cost per inference, "
         "no detections) exported to a cache folder; for when the trained package is not there yet",
+    )
+
+
+def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--intra-op-threads`` and ``--inference-threads`` for the pipeline (default: the demo's)."""
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime intra-op threads (default: the demo's)",
+    )
+    parser.add_argument(
+        "--inference-threads", type=int, default=None, help="batches in flight at once (default: the demo's)"
     )
 
 

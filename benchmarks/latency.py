@@ -49,6 +49,7 @@ from benchmarks._common import (
     DEFAULT_CLIP,
     REPO,
     add_model_arguments,
+    add_thread_arguments,
     demo_pipeline_document,
     percentile,
     print_header,
@@ -329,15 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=None, help="model input (square); default native")
     parser.add_argument("--queue-size", type=int, default=2, help="per-source queue (policy latest)")
     parser.add_argument("--batch", type=int, default=4, help="max_batch_size")
-    parser.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=None,
-        help="ONNX Runtime intra-op threads (default: the demo's)",
-    )
-    parser.add_argument(
-        "--inference-threads", type=int, default=None, help="batches in flight at once (default: the demo's)"
-    )
+    add_thread_arguments(parser)
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
     parser.add_argument(
         "--clip-frames", type=int, default=100, help="distinct frames the cameras cycle through"

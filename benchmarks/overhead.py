@@ -35,6 +35,7 @@ from benchmarks._common import (
     DEFAULT_CLIP,
     PipelineRun,
     add_model_arguments,
+    add_thread_arguments,
     demo_pipeline_document,
     print_header,
     resolve_models_dir,
@@ -117,15 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each arm")
     parser.add_argument("--batch", type=int, default=4, help="max_batch_size")
     parser.add_argument("--scrape-every", type=float, default=1.0, help="seconds between scrapes")
-    parser.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=None,
-        help="ONNX Runtime intra-op threads (default: the demo's)",
-    )
-    parser.add_argument(
-        "--inference-threads", type=int, default=None, help="batches in flight at once (default: the demo's)"
-    )
+    add_thread_arguments(parser)
     args = parser.parse_args(argv)
     print_header("overhead: pipeline with metrics + HTTP server + closed preview vs. without them")
     models_dir = resolve_models_dir(args)
