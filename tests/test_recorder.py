@@ -89,3 +89,24 @@ def test_writer_skips_and_counts_when_it_falls_behind(tmp_path: Path, monkeypatc
     gate.set()
     writer.close()
     assert (writer.written, writer.skipped) == (2, 3)
+
+
+def test_put_waits_for_room_instead_of_skipping(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    gate = threading.Event()
+    original = AnnotatedVideoWriter._run
+
+    def held(self: AnnotatedVideoWriter) -> None:
+        gate.wait(10)
+        original(self)
+
+    monkeypatch.setattr(AnnotatedVideoWriter, "_run", held)
+    writer = AnnotatedVideoWriter(tmp_path / "a.avi", 25.0, NAMES, max_queue=2)
+    image = np.zeros((48, 64, 3), np.uint8)
+    putter = threading.Thread(target=lambda: [writer.put(image, None) for _ in range(5)])
+    putter.start()
+    putter.join(0.3)
+    assert putter.is_alive()  # waiting for room, not skipping
+    gate.set()
+    putter.join(10)
+    writer.close()
+    assert (writer.written, writer.skipped) == (5, 0)

@@ -23,8 +23,9 @@ __all__ = ["AnnotatedVideoWriter", "RunSummary"]
 class AnnotatedVideoWriter:
     """Writes annotated frames of one source to a video file, in its own thread.
 
-    The frame path only enqueues (a bounded queue: when the writer falls behind, frames are skipped
-    and counted in ``skipped``); annotation and encoding happen in the writer thread.
+    The frame path only enqueues into a bounded queue; annotation and encoding happen in the writer
+    thread. ``offer`` never waits (live sources: when the writer falls behind, frames are skipped and
+    counted in ``skipped``); ``put`` waits for room (every-frame sources: the video has every frame).
 
     Args:
         path: output file (``.mp4`` is written with the ``mp4v`` codec, ``.avi`` with MJPG).
@@ -49,6 +50,17 @@ class AnnotatedVideoWriter:
             self._queue.put_nowait((image, detections))
         except queue.Full:
             self.skipped += 1
+
+    def put(self, image: np.ndarray, detections: Detections | None) -> None:
+        """Enqueue a frame, waiting for room (blocking: call it from a thread). For sources whose
+        every frame is processed, so the video has every frame too; skipped only if the writer died."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put((image, detections), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        self.skipped += 1
 
     def close(self, timeout: float = 30.0) -> None:
         self._queue.put(None)

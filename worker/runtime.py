@@ -272,6 +272,8 @@ class Worker:
         model = next(iter(self.runner.models.values()))
         self._recorder = AnnotatedVideoWriter(video.path, video.fps, model.class_names)
         self._recorder_source = source
+        policy = next((s.policy for s in self.config.sources if s.id == source), None)
+        self._recorder_waits = policy == "every_frame"
 
     async def _watch_broker(self) -> None:
         if self.config.broker is None:
@@ -361,7 +363,10 @@ class Worker:
         if self.preview.wants(source):
             self.preview.offer(source, frame.image, detections, names, latency_s=latency)
         if self._recorder is not None and source == self._recorder_source:
-            self._recorder.offer(frame.image, detections)
+            if self._recorder_waits:  # every_frame: the video waits for the writer, like the sinks
+                await asyncio.to_thread(self._recorder.put, frame.image, detections)
+            else:
+                self._recorder.offer(frame.image, detections)
 
 
 def _install_signal_handlers(worker: Worker) -> Callable[[], None]:

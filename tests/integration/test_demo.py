@@ -102,9 +102,10 @@ async def test_the_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.Captu
     video = cv2.VideoCapture(str(tmp_path / "annotated.mp4"))
     assert video.isOpened()
     assert (video.get(cv2.CAP_PROP_FRAME_WIDTH), video.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (1280, 720)
-    assert video.get(cv2.CAP_PROP_FRAME_COUNT) > 0
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == CLIP_FRAMES  # a file source: every frame annotated
     video.release()
 
     summary = capsys.readouterr().err
     assert f"frames: {CLIP_FRAMES} in" in summary and "detections per class: " in summary, summary
+    assert f"annotated.mp4 ({CLIP_FRAMES} frames)" in summary, summary
     assert any(name in summary for name in ("nut", "washer", "bolt", "bracket")), summary
