@@ -7,11 +7,28 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from worker.recorder import AnnotatedVideoWriter, RunSummary
 from worker.step.detections import Detections, MaskCrops
 
 NAMES = ("nut", "washer", "bolt")
+
+
+@pytest.fixture
+def held_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[AnnotatedVideoWriter, threading.Event]:
+    """A writer with room for 2 frames whose thread starts writing only once the event is set."""
+    gate = threading.Event()
+    original = AnnotatedVideoWriter._run
+
+    def held(self: AnnotatedVideoWriter) -> None:
+        gate.wait(10)
+        original(self)
+
+    monkeypatch.setattr(AnnotatedVideoWriter, "_run", held)
+    return AnnotatedVideoWriter(tmp_path / "a.avi", 25.0, NAMES, max_queue=2), gate
 
 
 def _detections(shape: tuple[int, int] = (48, 64)) -> Detections:
@@ -73,16 +90,10 @@ def test_writer_writes_every_frame_it_is_offered(tmp_path: Path) -> None:
     assert np.abs(frames[0].astype(int) - 90).max() < 30
 
 
-def test_writer_skips_and_counts_when_it_falls_behind(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    gate = threading.Event()
-    original = AnnotatedVideoWriter._run
-
-    def held(self: AnnotatedVideoWriter) -> None:
-        gate.wait(10)
-        original(self)
-
-    monkeypatch.setattr(AnnotatedVideoWriter, "_run", held)
-    writer = AnnotatedVideoWriter(tmp_path / "a.avi", 25.0, NAMES, max_queue=2)
+def test_writer_skips_and_counts_when_it_falls_behind(
+    held_writer: tuple[AnnotatedVideoWriter, threading.Event],
+) -> None:
+    writer, gate = held_writer
     image = np.zeros((48, 64, 3), np.uint8)
     for _ in range(5):
         writer.offer(image, None)
@@ -91,16 +102,21 @@ def test_writer_skips_and_counts_when_it_falls_behind(tmp_path: Path, monkeypatc
     assert (writer.written, writer.skipped) == (2, 3)
 
 
-def test_put_waits_for_room_instead_of_skipping(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    gate = threading.Event()
-    original = AnnotatedVideoWriter._run
+def test_try_put_reports_a_full_queue_without_counting(
+    held_writer: tuple[AnnotatedVideoWriter, threading.Event],
+) -> None:
+    writer, gate = held_writer
+    image = np.zeros((48, 64, 3), np.uint8)
+    assert [writer.try_put(image, None) for _ in range(3)] == [True, True, False]
+    gate.set()
+    writer.close()
+    assert (writer.written, writer.skipped) == (2, 0)
 
-    def held(self: AnnotatedVideoWriter) -> None:
-        gate.wait(10)
-        original(self)
 
-    monkeypatch.setattr(AnnotatedVideoWriter, "_run", held)
-    writer = AnnotatedVideoWriter(tmp_path / "a.avi", 25.0, NAMES, max_queue=2)
+def test_put_waits_for_room_instead_of_skipping(
+    held_writer: tuple[AnnotatedVideoWriter, threading.Event],
+) -> None:
+    writer, gate = held_writer
     image = np.zeros((48, 64, 3), np.uint8)
     putter = threading.Thread(target=lambda: [writer.put(image, None) for _ in range(5)])
     putter.start()

@@ -45,10 +45,17 @@ class AnnotatedVideoWriter:
         self._thread = threading.Thread(target=self._run, name="recorder.annotated", daemon=True)
         self._thread.start()
 
-    def offer(self, image: np.ndarray, detections: Detections | None) -> None:
+    def try_put(self, image: np.ndarray, detections: Detections | None) -> bool:
+        """Enqueue a frame if there is room; False (nothing counted) when the writer is behind."""
         try:
             self._queue.put_nowait((image, detections))
         except queue.Full:
+            return False
+        return True
+
+    def offer(self, image: np.ndarray, detections: Detections | None) -> None:
+        """Enqueue a frame, or skip it (counted in ``skipped``) when the writer is behind."""
+        if not self.try_put(image, detections):
             self.skipped += 1
 
     def put(self, image: np.ndarray, detections: Detections | None) -> None:

@@ -363,10 +363,12 @@ class Worker:
         if self.preview.wants(source):
             self.preview.offer(source, frame.image, detections, names, latency_s=latency)
         if self._recorder is not None and source == self._recorder_source:
-            if self._recorder_waits:  # every_frame: the video waits for the writer, like the sinks
-                await asyncio.to_thread(self._recorder.put, frame.image, detections)
-            else:
-                self._recorder.offer(frame.image, detections)
+            recorder = self._recorder
+            if not self._recorder_waits:
+                recorder.offer(frame.image, detections)
+            elif not recorder.try_put(frame.image, detections):
+                # every_frame: the video waits for its writer, like the sinks (a thread hop only then)
+                await asyncio.to_thread(recorder.put, frame.image, detections)
 
 
 def _install_signal_handlers(worker: Worker) -> Callable[[], None]:
