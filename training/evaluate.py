@@ -17,7 +17,7 @@ with ``worker.step.rle.encode_crop`` exactly as the v4 step publishes them.
 - Input size (``--input-sizes``): the network is fully convolutional, so it can run at another
   input than it was trained at; each size is tried on the validation frames and the best segm
   mAP50:95 becomes the package's default ``input_size`` (``--write``); thresholds and metrics are
-  then measured at that size.
+  then measured at that size, and ``--write`` also puts it in the ONNX file's ``imgsz``.
 - Recommended thresholds: on ``--val-frames`` frames of stream ``[--val-seed, VAL]``, for each
   class the confidence that maximises F1 of mask matches at IoU 0.5 (and one over all classes).
   ``--write`` stores them in the package's ``metadata.json`` as ``recommended_parameters`` (used by
@@ -387,7 +387,23 @@ def main(argv: list[str] | None = None) -> None:
             "seed": a.val_seed,
         }
         path.write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"wrote recommended_parameters and metrics to {path}")
+        set_onnx_imgsz(a.package / "weights.onnx", model.input_size)
+        print(f"wrote recommended_parameters and metrics to {path}, imgsz {list(model.input_size)}")
+
+
+def set_onnx_imgsz(path: Path, size: tuple[int, int]) -> None:
+    """Write the default input size into the ONNX file's ``imgsz`` too (Ultralytics-style loaders read it)."""
+    import onnx  # the training extra
+
+    model = onnx.load(str(path))
+    for entry in model.metadata_props:
+        if entry.key == "imgsz":
+            entry.value = str([int(v) for v in size])
+            break
+    else:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "imgsz", str([int(v) for v in size])
+    onnx.save(model, str(path))
 
 
 def _compact(x: Any) -> Any:

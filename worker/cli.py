@@ -39,6 +39,7 @@ def _workflow_and_models_dir(path: Path) -> tuple[Any, Path | None, dict[str, An
         options: dict[str, Any] = {
             "intra_op_threads": pipeline.model.intra_op_threads,
             "inter_op_threads": pipeline.model.inter_op_threads,
+            "blas_threads": pipeline.blas_threads,
         }
         if pipeline.model.input_size is not None:
             options["input_size"] = tuple(pipeline.model.input_size)
@@ -47,10 +48,14 @@ def _workflow_and_models_dir(path: Path) -> tuple[Any, Path | None, dict[str, An
 
 
 def _runner(path: Path, models_dir: Path | None) -> Any:
+    from worker.concurrency import limit_blas_threads
+    from worker.config import PipelineConfig
     from worker.models.registry import ModelRegistry
     from worker.step.executor import WorkflowRunner
 
     workflow, pipeline_models_dir, options = _workflow_and_models_dir(path)
+    # as the worker does: post-processing's BLAS stays single-threaded next to ONNX Runtime
+    limit_blas_threads(options.pop("blas_threads", PipelineConfig.model_fields["blas_threads"].default))
     registry = ModelRegistry(_models_dirs(models_dir, pipeline_models_dir))
     return WorkflowRunner(workflow, registry, backend_options=options)
 

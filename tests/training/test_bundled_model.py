@@ -49,7 +49,8 @@ def test_package_files_and_metadata() -> None:
 def test_onnx_metadata_props_are_ultralytics_style() -> None:
     props = {p.key: p.value for p in onnx.load(str(DEFAULT_PACKAGE / "weights.onnx")).metadata_props}
     assert props["names"] == "{0: 'nut', 1: 'washer', 2: 'bolt', 3: 'bracket'}"
-    assert props["imgsz"] == "[320, 320]"  # the training size
+    # the default input size, as in metadata.json (trained at 320: provenance.input_size_trained)
+    assert props["imgsz"] == "[448, 448]"
     assert props["stride"] == "32" and props["task"] == "segment"
 
 

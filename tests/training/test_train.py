@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from training.data import TRAIN, build_cache  # noqa: E402
-from training.loss import Targets, assign, compute_loss  # noqa: E402
+from training.loss import Targets, assign, compute_loss, mask_loss  # noqa: E402
 from training.model import SegNet, make_anchors  # noqa: E402
-from training.train import TrainConfig, augment, make_batch, train  # noqa: E402
+from training.train import TrainConfig, augment, make_batch, train, zoom  # noqa: E402
 from worker.models.onnx_backend import OnnxSegmentationModel  # noqa: E402
 
 
@@ -49,6 +49,44 @@ def test_loss_is_finite_and_backpropagates_to_all_heads(tmp_path: Path) -> None:
     assert net.proto_out.weight.grad is not None and net.proto_out.weight.grad.abs().sum() > 0
 
 
+def test_mask_loss_equals_the_cropped_bce_over_the_whole_prototype_map() -> None:
+    torch.manual_seed(0)
+    b, m, hp, wp = 3, 4, 12, 10
+    proto = torch.randn(b, 32, hp, wp, requires_grad=True)
+    masks = torch.rand(b, m, hp, wp)
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 40.0, 48.0],  # the whole map
+            [5.0, 7.0, 23.0, 19.0],  # fractional edges: cells whose centres are inside count
+            [10.0, 10.0, 11.0, 11.0],  # covers no cell centre: adds 0
+            [30.0, 2.0, 40.0, 30.0],
+        ]
+    ).expand(b, m, 4)
+    targets = Targets(boxes.clone(), torch.zeros(b, m, dtype=torch.long), masks)
+    bi = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    gi = torch.tensor([0, 1, 1, 2, 3, 0, 3, 1])
+    coeffs = torch.randn(len(bi), 32, requires_grad=True)
+    got = mask_loss(coeffs, proto, targets, bi, gi)
+    # reference: the full map for each positive, cropped by cell centres, mean over the crop
+    xs = torch.arange(wp) + 0.5
+    ys = torch.arange(hp) + 0.5
+    per = []
+    for k in range(len(bi)):
+        x1, y1, x2, y2 = (boxes[bi[k], gi[k]] / 4).tolist()
+        crop = ((ys[:, None] >= y1) & (ys[:, None] < y2) & (xs[None] >= x1) & (xs[None] < x2)).float()
+        logits = torch.einsum("c,chw->hw", coeffs[k], proto[bi[k]])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, masks[bi[k], gi[k]], reduction="none"
+        )
+        per.append((bce * crop).sum() / crop.sum().clamp(min=1))
+    want = torch.stack(per).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    g_got = torch.autograd.grad(got, (coeffs, proto))
+    g_want = torch.autograd.grad(want, (coeffs, proto))
+    for a, e in zip(g_got, g_want, strict=True):
+        assert torch.allclose(a, e, atol=1e-7)
+
+
 def test_augment_moves_boxes_with_the_masks() -> None:
     gen = torch.Generator().manual_seed(0)
     imgs = torch.zeros(8, 3, 32, 32)
@@ -60,6 +98,51 @@ def test_augment_moves_boxes_with_the_masks() -> None:
         ys, xs = torch.nonzero(t.masks[i, 0], as_tuple=True)
         box_from_mask = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * 4
         assert torch.equal(t.boxes[i, 0], box_from_mask)
+
+
+def _box_of(mask: torch.Tensor, cell: int = 4) -> torch.Tensor:
+    ys, xs = torch.nonzero(mask > 1e-3, as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float() * cell
+
+
+def test_zoom_scales_and_crops_images_masks_and_boxes_together() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s = 64
+    imgs = torch.zeros(6, 3, s, s)
+    imgs[:, 0, 16:32, 24:40] = 1.0  # a red square, x 24..40, y 16..32
+    masks = torch.zeros(6, 2, s // 4, s // 4)
+    masks[:, 0, 4:8, 6:10] = 1.0  # the same square at stride 4
+    masks[:, 1, 0:1, 15:16] = 0.05  # a sliver in the top-right corner: 0.8 visible pixels
+    boxes = torch.tensor([[24.0, 16.0, 40.0, 32.0], [60.0, 0.0, 64.0, 4.0]]).expand(6, 2, 4).clone()
+    cls = torch.tensor([1, 2]).expand(6, 2).clone()
+    out, t = zoom(imgs, Targets(boxes, cls, masks), gen, prob=1.0, max_zoom=2.0, min_area=12.0)
+    assert out.shape == imgs.shape and t.masks.shape == masks.shape
+    assert not torch.equal(out, imgs)
+    for i in range(6):
+        if t.class_ids[i, 0] < 0:
+            continue
+        red = out[i, 0] > 0.5
+        ys, xs = torch.nonzero(red, as_tuple=True)
+        # the box follows the pixels (to the resampling's blur) and the mask (to one cell)
+        assert abs(float(t.boxes[i, 0, 0]) - float(xs.min())) <= 2
+        assert abs(float(t.boxes[i, 0, 2]) - float(xs.max() + 1)) <= 2
+        assert abs(float(t.boxes[i, 0, 1]) - float(ys.min())) <= 2
+        box = _box_of(t.masks[i, 0])
+        assert (t.boxes[i, 0, :2] >= box[:2]).all() and (t.boxes[i, 0, 2:] <= box[2:]).all()
+    assert (t.class_ids[:, 0] == 1).sum() >= 3  # the square mostly stays in the window
+    # the sliver (at most 0.8 * 2 * 2 visible pixels after zooming) becomes padding, never a ghost
+    assert (t.class_ids[:, 1] == -1).all()
+    assert (t.masks[:, 1] == 0).all() and (t.boxes[:, 1] == 0).all()
+
+
+def test_zoom_is_a_no_op_when_off() -> None:
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.rand(2, 3, 32, 32)
+    t = Targets(torch.zeros(2, 1, 4), torch.full((2, 1), -1), torch.zeros(2, 1, 8, 8))
+    out, t2 = zoom(imgs, t, gen, prob=1.0, max_zoom=1.0)
+    assert out is imgs and t2 is t
+    out, t2 = zoom(imgs, t, gen, prob=0.0, max_zoom=1.6)
+    assert out is imgs and t2 is t
 
 
 def test_a_few_steps_write_a_loadable_package(tmp_path: Path) -> None:
@@ -82,3 +165,14 @@ def test_a_few_steps_write_a_loadable_package(tmp_path: Path) -> None:
     (raw,) = model.infer([np.zeros((100, 200, 3), np.uint8)])
     assert raw.predictions.shape == (4 + 4 + 32, 2100)
     assert raw.prototypes.shape == (32, 80, 80)
+    # training.evaluate --write also records the chosen default input size in the ONNX file
+    import onnx
+
+    from training.evaluate import set_onnx_imgsz
+
+    before = model.infer([np.zeros((100, 200, 3), np.uint8)])[0].predictions
+    set_onnx_imgsz(tmp_path / "pkg" / "weights.onnx", (384, 384))
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "pkg" / "weights.onnx")).metadata_props}
+    assert props["imgsz"] == "[384, 384]" and props["task"] == "segment"
+    again = OnnxSegmentationModel(tmp_path / "pkg", intra_op_threads=1, input_size=(320, 320))
+    assert np.array_equal(again.infer([np.zeros((100, 200, 3), np.uint8)])[0].predictions, before)
