@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m training.train --seed 0 --minutes 32 --out worker/bundled_models/factory-parts/1
+    python -m training.train --seed 0 --minutes 40 --out worker/bundled_models/factory-parts/1
 
 Steps: generate (or reuse) the cached synthetic training set, train with AdamW, a learning rate on
 a cosine tied to elapsed time (the budget ends with a fully decayed rate) and an exponential moving
