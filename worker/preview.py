@@ -326,8 +326,8 @@ function tile(id) {
   const name = document.createElement("span"); name.textContent = id; h.append(dot, name);
   const img = document.createElement("img"); img.alt = "latest annotated frame of " + id;
   const st = document.createElement("div"); st.className = "stats";
-  t = {el, img, dot, fps: stat(st, "fps"), latency: stat(st, "latency"), processed: stat(st, "processed"),
-       dropped: stat(st, "dropped"), dets: stat(st, "detections")};
+  t = {el, img, shown: -1, dot, fps: stat(st, "fps"), latency: stat(st, "latency"),
+       processed: stat(st, "processed"), dropped: stat(st, "dropped"), dets: stat(st, "detections")};
   el.append(h, img, st); document.getElementById("tiles").append(el); tiles.set(id, t); return t;
 }
 function onStats(m) {
@@ -353,9 +353,17 @@ function connect() {
       return;
     }
     if (meta === null) return;
-    const t = tile(meta.source), url = URL.createObjectURL(ev.data), old = t.img.src;
-    t.img.onload = () => { if (old.startsWith("blob:")) URL.revokeObjectURL(old); };
-    t.img.src = url;
+    // decode off-screen and swap once loaded: the tile never goes blank between frames, and every
+    // blob URL is revoked (the one replaced, or a frame that lost the race to a newer one)
+    const t = tile(meta.source), seq = meta.seq, url = URL.createObjectURL(ev.data), next = new Image();
+    next.alt = t.img.alt;
+    next.onload = () => {
+      if (seq <= t.shown) { URL.revokeObjectURL(url); return; }
+      const old = t.img; t.shown = seq; old.replaceWith(next); t.img = next;
+      if (old.src.startsWith("blob:")) URL.revokeObjectURL(old.src);
+    };
+    next.onerror = () => URL.revokeObjectURL(url);
+    next.src = url;
     t.el.dataset.seq = String(meta.seq);
     t.el.dataset.frames = String(Number(t.el.dataset.frames) + 1);
     t.dets.textContent = meta.detections;
