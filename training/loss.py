@@ -150,7 +150,7 @@ def mask_loss(
         bi, gi: ``(P,)`` image and ground-truth slot of each positive.
 
     The logits ``coeffs @ proto`` are computed only at the prototype cells whose centres lie inside
-    the positive's ground-truth box (about 1/20 of the map for this data): all those cells of all
+    the positive's ground-truth box (a small share of the map for parts of this size): all cells of all
     positives are listed in one flat index (``repeat_interleave`` over per-box cell counts) and
     evaluated with one gather and a row-wise dot product; per-positive means come from one
     ``index_add_``. Boxes that cover no cell centre add 0 to the mean.
