@@ -40,6 +40,7 @@ bench: $(VENV)/.stamp-test system
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.latency
+	$(PY) -m benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
