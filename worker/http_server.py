@@ -72,6 +72,7 @@ class HealthState:
     clock: Callable[[], float] = time.monotonic
     model_loaded: bool = False
     broker_connected: bool = False
+    broker_probe: Callable[[], bool] | None = None
     shutting_down: bool = False
     sources_attached: frozenset[str] = frozenset()
     last_heartbeat: float = field(default=math.nan)
@@ -92,6 +93,18 @@ class HealthState:
 
     def set_broker_connected(self, connected: bool) -> None:
         self.broker_connected = connected
+
+    def set_broker_probe(self, probe: Callable[[], bool] | None) -> None:
+        """Read the broker state from ``probe`` at each readiness check (no polling lag).
+
+        The runtime passes its MQTT sinks' own connection state, so readiness turns false the
+        moment a sink has noticed an outage; ``None`` goes back to ``set_broker_connected``.
+        """
+        self.broker_probe = probe
+
+    def _broker_up(self) -> bool:
+        probe = self.broker_probe
+        return self.broker_connected if probe is None else bool(probe())
 
     def source_attached(self, source: str, attached: bool = True) -> None:
         # rebind instead of mutating: probes may read the set from another thread
@@ -155,7 +168,8 @@ class HealthState:
             reasons.append("shutting down")
         if not self.model_loaded:
             reasons.append("model not loaded")
-        if self.broker_required and not self.broker_connected:
+        broker_up = self._broker_up()
+        if self.broker_required and not broker_up:
             reasons.append("broker not connected")
         if not self.sources_attached:
             reasons.append("no source attached")
@@ -163,7 +177,7 @@ class HealthState:
             "shutting_down": self.shutting_down,
             "model_loaded": self.model_loaded,
             "broker_required": self.broker_required,
-            "broker_connected": self.broker_connected,
+            "broker_connected": broker_up,
             "sources_attached": sorted(self.sources_attached),
         }
         return HealthReport(not reasons, checks, tuple(reasons))

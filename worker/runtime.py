@@ -157,7 +157,7 @@ class Worker:
             ] + self._extra_sinks
             for sink in self.sinks:
                 await sink.start()
-            broker_watch = loop.create_task(self._watch_broker(), name="health.broker")
+            self._probe_broker()
             control = self._start_control(loop)
             self._start_recorder()
             ready = asyncio.Event()
@@ -181,9 +181,9 @@ class Worker:
             stop_wait = loop.create_task(self._stop.wait(), name="stop.wait")
             await asyncio.wait([batch_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             code = await self._shutdown(batch_task, source_tasks)
-            for task in (stop_wait, heartbeat, broker_watch, *([control] if control else [])):
+            for task in (stop_wait, heartbeat, *([control] if control else [])):
                 task.cancel()
-            for task in (stop_wait, heartbeat, broker_watch, *([control] if control else [])):
+            for task in (stop_wait, heartbeat, *([control] if control else [])):
                 with suppress(asyncio.CancelledError):
                     await task
         self._model_pool.shutdown(wait=False)
@@ -275,13 +275,19 @@ class Worker:
         policy = next((s.policy for s in self.config.sources if s.id == source), None)
         self._recorder_waits = policy == "every_frame"
 
-    async def _watch_broker(self) -> None:
+    def _probe_broker(self) -> None:
+        """Readiness reads the MQTT sinks' connection state when it is asked (connected: any sink).
+
+        Without an MQTT sink the broker serves only sources, whose connections already show in
+        ``sources_attached``: readiness then does not ask for the broker separately.
+        """
         if self.config.broker is None:
             return
-        while True:
-            connected = any(getattr(s, "connected", False) for s in self.sinks if hasattr(s, "connected"))
-            self.health.set_broker_connected(connected)
-            await asyncio.sleep(0.25)
+        sinks = [s for s in self.sinks if hasattr(s, "connected")]
+        if not sinks:
+            self.health.broker_required = False
+            return
+        self.health.set_broker_probe(lambda: any(bool(s.connected) for s in sinks))
 
     async def _batch_loop(self, ready: asyncio.Event) -> None:
         """Gather batches and keep up to ``inference_threads`` in the model pool; publish in order."""

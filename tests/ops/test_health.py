@@ -132,3 +132,22 @@ async def test_heartbeat_beats_at_once_when_started_after_a_long_start_up() -> N
 def test_stale_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stale_after_s"):
         HealthState(stale_after_s=0)
+
+
+def test_readiness_asks_the_broker_probe_at_each_check() -> None:
+    state = {"up": True}
+    health = HealthState(broker_required=True)
+    health.set_model_loaded()
+    health.source_attached("cam1")
+    health.set_broker_probe(lambda: state["up"])
+    assert health.readiness().ok and health.readiness().checks["broker_connected"] is True
+    state["up"] = False  # the sink noticed an outage: the very next check says so, no polling lag
+    report = health.readiness()
+    assert not report.ok and report.reasons == ("broker not connected",)
+    assert report.checks["broker_connected"] is False
+    state["up"] = True
+    assert health.readiness().ok
+    health.set_broker_probe(None)  # back to the stored flag
+    assert not health.readiness().ok
+    health.set_broker_connected(True)
+    assert health.readiness().ok
