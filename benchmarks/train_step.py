@@ -2,9 +2,9 @@
 
 - ``network``: ``SegNet`` forward and backward with a trivial loss (the sum of its outputs), on the
   same batch: the floor a training step cannot go below;
-- ``step``: what ``training.train`` does per step: batch from the memory-mapped cache, flips,
-  forward, ``compute_loss`` (assignment, box, class and mask terms), backward, gradient clipping,
-  AdamW.
+- ``step``: ``training.train.train_step``, what training runs per step: batch from the
+  memory-mapped cache, flips, forward, ``compute_loss`` (assignment, box, class and mask terms),
+  backward, gradient clipping, AdamW.
 
 The two are alternated on the same batches of ``--batch`` generated 320x320 samples (a small cache
 written to a temporary folder). Medians over ``--repeats`` of each; the ratio step/network is the
@@ -28,9 +28,8 @@ import torch
 
 from benchmarks._common import print_header
 from training.data import TRAIN, build_cache
-from training.loss import compute_loss
 from training.model import SegNet
-from training.train import augment, make_batch
+from training.train import TrainConfig, make_batch, train_step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         ds = build_cache(Path(tmp) / "cache", a.samples, seed=0, purpose=TRAIN, workers=a.threads)
         net = SegNet(4).to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        cfg = TrainConfig(batch=a.batch, threads=a.threads)
         gen = torch.Generator().manual_seed(0)
         rng = np.random.default_rng(0)
 
@@ -58,16 +58,6 @@ def main(argv: list[str] | None = None) -> None:
             opt.zero_grad(set_to_none=True)
             (loss * 0.0).backward()
 
-        def step(idx: np.ndarray) -> int:
-            imgs, targets = make_batch(ds, idx)
-            imgs, targets = augment(imgs, targets, gen)
-            parts = compute_loss(net(imgs.contiguous(memory_format=torch.channels_last)), targets)
-            opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-            opt.step()
-            return parts.num_pos
-
         times: dict[str, list[float]] = {"network": [], "step": []}
         positives = []
         for r in range(a.repeats + 2):
@@ -76,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             network(imgs)
             t1 = time.perf_counter()
-            positives.append(step(idx))
+            positives.append(train_step(net, opt, ds, idx, gen, cfg).num_pos)
             t2 = time.perf_counter()
             if r >= 2:  # warm-up
                 times["network"].append(t1 - t0)

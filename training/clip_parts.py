@@ -31,8 +31,8 @@ from pycocotools.cocoeval import COCOeval
 from training.evaluate import (
     DEFAULT_ASSETS,
     DEFAULT_PACKAGE,
-    _eval_params,
     detections_to_coco,
+    eval_params,
     load_clip,
     predict,
 )
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     model = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, inter_op_threads=1)
     frames, gt = load_clip(a.assets)
     floor = min(0.01, a.confidence)
-    (dets,) = predict(model, frames, [_eval_params("accurate", 0.0, floor, 0.5)])
+    (dets,) = predict(model, frames, [eval_params("accurate", 0.0, floor, 0.5)])
     ids = [im["id"] for im in gt["images"]]
     results = detections_to_coco(dets, ids)
     kept = [r for r in results if r["score"] >= a.confidence]

@@ -53,10 +53,12 @@ __all__ = [
     "MODES",
     "coco_eval",
     "detections_to_coco",
+    "eval_params",
     "f1_thresholds",
     "load_clip",
     "predict",
     "scenes_to_coco",
+    "set_onnx_imgsz",
     "synthetic_set",
 ]
 
@@ -253,7 +255,8 @@ def f1_thresholds(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[fl
     return best(s_all, m_all, sum(n_gt.values())), per_class
 
 
-def _eval_params(mode: str, factor: float, confidence: float, iou: float) -> PostprocessParams:
+def eval_params(mode: str, factor: float, confidence: float, iou: float) -> PostprocessParams:
+    """Post-processing settings for evaluation (at most 100 detections per frame)."""
     return PostprocessParams(
         confidence=confidence,
         iou_threshold=iou,
@@ -273,7 +276,7 @@ def evaluate_set(
     iou: float = 0.5,
 ) -> dict[str, Any]:
     """bbox metrics and segm metrics per mask decode mode on one image set."""
-    params = [_eval_params(m, f, confidence, iou) for m, f in modes]
+    params = [eval_params(m, f, confidence, iou) for m, f in modes]
     t0 = time.monotonic()
     dets = predict(model, images, params)
     ids = [im["id"] for im in gt["images"]]
@@ -361,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"default input size: {best}x{best}", flush=True)
     model = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, inter_op_threads=1, input_size=size)
     evaluation["input_size"] = list(model.input_size)
-    (val_dets,) = predict(model, images, [_eval_params("accurate", 0.0, 0.01, 0.5)])
+    (val_dets,) = predict(model, images, [eval_params("accurate", 0.0, 0.01, 0.5)])
     overall, per_class = f1_thresholds(gt, detections_to_coco(val_dets, [im["id"] for im in gt["images"]]))
     print(f"F1-optimal thresholds on {a.val_frames} validation frames: {overall} {per_class}", flush=True)
 

@@ -31,11 +31,11 @@ from torch.nn import functional as F
 
 from training.data import MAX_INSTANCES, PAD_VALUE, TRAIN, CachedDataset, build_cache
 from training.export import check_export, export_onnx
-from training.loss import PROTO_STRIDE, Targets, compute_loss
+from training.loss import PROTO_STRIDE, LossParts, Targets, compute_loss
 from training.model import SegNet
 from training.synth import CLASS_NAMES
 
-__all__ = ["ModelEMA", "TrainConfig", "augment", "make_batch", "train", "write_package", "zoom"]
+__all__ = ["ModelEMA", "TrainConfig", "augment", "make_batch", "train", "train_step", "write_package", "zoom"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -207,6 +207,26 @@ def zoom(
     return out_img, Targets(boxes, cls, out_mask)
 
 
+def train_step(
+    net: SegNet,
+    opt: torch.optim.Optimizer,
+    ds: CachedDataset,
+    idx: np.ndarray,
+    gen: torch.Generator,
+    cfg: TrainConfig,
+) -> LossParts:
+    """One optimisation step on dataset rows ``idx``: batch, zoom, flips, loss, backward, AdamW."""
+    imgs, targets = make_batch(ds, idx)
+    imgs, targets = zoom(imgs, targets, gen, prob=cfg.zoom_prob, max_zoom=cfg.max_zoom)
+    imgs, targets = augment(imgs, targets, gen)
+    parts = compute_loss(net(imgs.contiguous(memory_format=torch.channels_last)), targets)
+    opt.zero_grad(set_to_none=True)
+    parts.total.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+    opt.step()
+    return parts
+
+
 def _lr_at(cfg: TrainConfig, frac: float) -> float:
     if frac < cfg.warmup:
         return cfg.lr * (0.1 + 0.9 * frac / cfg.warmup)
@@ -294,15 +314,7 @@ def train(cfg: TrainConfig, out: Path | None) -> SegNet:
             perm, pos = rng.permutation(len(ds)), 0
         idx = perm[pos : pos + cfg.batch]
         pos += cfg.batch
-        imgs, targets = make_batch(ds, idx)
-        imgs, targets = zoom(imgs, targets, gen, prob=cfg.zoom_prob, max_zoom=cfg.max_zoom)
-        imgs, targets = augment(imgs, targets, gen)
-        out_raw = net(imgs.contiguous(memory_format=torch.channels_last))
-        parts = compute_loss(out_raw, targets)
-        opt.zero_grad(set_to_none=True)
-        parts.total.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-        opt.step()
+        parts = train_step(net, opt, ds, idx, gen, cfg)
         ema.update(net)
         step += 1
         seen += len(idx)

@@ -63,7 +63,7 @@ class HealthState:
 
     Args:
         stale_after_s: liveness fails when the loop heartbeat, or a running batch, is older than this.
-        broker_required: readiness needs ``broker_connected`` (pipelines with an MQTT broker).
+        broker_required: readiness needs the broker (``broker_probe``; pipelines with MQTT sinks).
         clock: monotonic clock (tests pass their own).
     """
 
@@ -71,8 +71,7 @@ class HealthState:
     broker_required: bool = False
     clock: Callable[[], float] = time.monotonic
     model_loaded: bool = False
-    broker_connected: bool = False
-    broker_probe: Callable[[], bool] | None = None
+    broker_probe: Callable[[], bool] = field(default=lambda: False, repr=False)
     shutting_down: bool = False
     sources_attached: frozenset[str] = frozenset()
     last_heartbeat: float = field(default=math.nan)
@@ -92,19 +91,16 @@ class HealthState:
         self.model_loaded = loaded
 
     def set_broker_connected(self, connected: bool) -> None:
-        self.broker_connected = connected
+        """A fixed broker state (for callers that track it themselves)."""
+        self.broker_probe = lambda: connected
 
-    def set_broker_probe(self, probe: Callable[[], bool] | None) -> None:
+    def set_broker_probe(self, probe: Callable[[], bool]) -> None:
         """Read the broker state from ``probe`` at each readiness check (no polling lag).
 
         The runtime passes its MQTT sinks' own connection state, so readiness turns false the
-        moment a sink has noticed an outage; ``None`` goes back to ``set_broker_connected``.
+        moment a sink has noticed an outage.
         """
         self.broker_probe = probe
-
-    def _broker_up(self) -> bool:
-        probe = self.broker_probe
-        return self.broker_connected if probe is None else bool(probe())
 
     def source_attached(self, source: str, attached: bool = True) -> None:
         # rebind instead of mutating: probes may read the set from another thread
@@ -168,7 +164,7 @@ class HealthState:
             reasons.append("shutting down")
         if not self.model_loaded:
             reasons.append("model not loaded")
-        broker_up = self._broker_up()
+        broker_up = bool(self.broker_probe())
         if self.broker_required and not broker_up:
             reasons.append("broker not connected")
         if not self.sources_attached:

@@ -76,7 +76,8 @@ class Worker:
         self.metrics = metrics or Metrics(
             config.name, version=__version__, sources=[s.id for s in config.sources]
         )
-        self.health = HealthState(broker_required=config.broker is not None)
+        # the broker is a readiness condition through the MQTT sinks (sources show in sources_attached)
+        self.health = HealthState(broker_required=any(c.type == "mqtt" for c in config.sinks))
         self.preview = PreviewHub(enabled=config.http.preview, max_fps=config.http.preview_fps)
         self.preview.set_sources([s.id for s in config.sources])
         self.summary = RunSummary()
@@ -276,17 +277,8 @@ class Worker:
         self._recorder_waits = policy == "every_frame"
 
     def _probe_broker(self) -> None:
-        """Readiness reads the MQTT sinks' connection state when it is asked (connected: any sink).
-
-        Without an MQTT sink the broker serves only sources, whose connections already show in
-        ``sources_attached``: readiness then does not ask for the broker separately.
-        """
-        if self.config.broker is None:
-            return
+        """Readiness reads the MQTT sinks' connection state when it is asked (connected: any sink)."""
         sinks = [s for s in self.sinks if hasattr(s, "connected")]
-        if not sinks:
-            self.health.broker_required = False
-            return
         self.health.set_broker_probe(lambda: any(bool(s.connected) for s in sinks))
 
     async def _batch_loop(self, ready: asyncio.Event) -> None:
