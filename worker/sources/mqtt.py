@@ -25,6 +25,10 @@ Nothing silently lost (QoS 1, ``every_frame``):
   the broker keep the subscription and queue QoS 1 frames while the worker is disconnected; they are
   delivered (with unacknowledged in-flight ones) after it reconnects. Delivery is at-least-once: a frame
   queued but not yet processed when the worker dies is not redelivered (it was acknowledged).
+- *Redeliveries.* After a reconnect the broker may resend a message whose PUBACK it had not taken in
+  yet. The source remembers its last ``4 x receive_maximum`` acknowledged messages (packet id and
+  payload digest); a resent one is acknowledged again and skipped, counted as
+  ``frames_dropped_total{reason="mqtt_duplicate"}``, so a frame is not processed twice.
 
 aiomqtt 2.5 has no public switch for manual acknowledgement or Receive Maximum, so
 ``_configure_flow_control`` sets them on the client's paho client and CONNECT properties; it is the
@@ -43,6 +47,8 @@ The broker connection is retried around the ``async with`` with capped, jittered
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import logging
 import socket
 import time
@@ -121,6 +127,37 @@ class _Overflow:
         self.held_back = 0
 
 
+class _RecentMessages:
+    """The last ``size`` QoS 1 messages this source queued and acknowledged, by packet id and digest.
+
+    After a reconnect the broker can resend messages whose PUBACK it had not yet taken in (QoS 1 is
+    at-least-once); a message with the same packet id and the same payload digest as one of the last
+    few acknowledged ones is such a redelivery. Packet ids count up per session, so a new message
+    does not reuse one of the last ``size`` ids before the 65535 ids wrap around.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._keys: collections.OrderedDict[tuple[int, bytes], None] = collections.OrderedDict()
+        self._size = size
+
+    @staticmethod
+    def key(message: aiomqtt.Message, payload: bytes | bytearray) -> tuple[int, bytes] | None:
+        if message.qos == 0:
+            return None
+        return message.mid, hashlib.blake2b(payload, digest_size=16).digest()
+
+    def __contains__(self, key: tuple[int, bytes]) -> bool:
+        return key in self._keys
+
+    def add(self, key: tuple[int, bytes] | None) -> None:
+        if key is None:
+            return
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+
+
 def _incoming_queue(
     telemetry: Telemetry, source_id: str, overflow: _Overflow
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -186,6 +223,7 @@ class MqttSource:
         self._pool = decode_pool
         self._own_pool = decode_pool is None
         self._frame_number = 0
+        self._recent = _RecentMessages(4 * config.receive_maximum)
         self._stop_requested = asyncio.Event()
         self.client_id = (
             config.client_id
@@ -297,6 +335,13 @@ class MqttSource:
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode() if payload is not None else b""
+        key = self._recent.key(message, payload)
+        if key is not None and key in self._recent:
+            # a redelivery of a frame this source already queued and acknowledged
+            self.telemetry.frame_dropped(self.source_id, "mqtt_duplicate")
+            log.debug("source %s: message %d resent, already queued; skipped", self.source_id, message.mid)
+            self._ack(client, message)
+            return True
         try:
             limit = self.config.max_payload_bytes
             if len(payload) > limit:  # refused before it is copied to a thread
@@ -309,6 +354,7 @@ class MqttSource:
         except FrameDecodeError as exc:
             self._report(exc, number, str(message.topic))
             self._ack(client, message)
+            self._recent.add(key)
             return True
         frame = Frame(
             source_id=self.source_id,
@@ -323,6 +369,7 @@ class MqttSource:
         except QueueClosed:
             return False
         self._ack(client, message)
+        self._recent.add(key)
         return True
 
     @staticmethod
