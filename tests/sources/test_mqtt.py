@@ -299,6 +299,8 @@ def test_recent_messages_know_a_redelivery_by_packet_id_and_payload() -> None:
     for mid in (8, 9):
         recent.add(_RecentMessages.key(SimpleNamespace(qos=1, mid=mid), b"x"))
     assert first not in recent  # bounded: the oldest is forgotten
+    recent.clear()
+    assert _RecentMessages.key(SimpleNamespace(qos=1, mid=9), b"x") not in recent
 
 
 def test_config_bounds() -> None:

@@ -26,9 +26,11 @@ Nothing silently lost (QoS 1, ``every_frame``):
   delivered (with unacknowledged in-flight ones) after it reconnects. Delivery is at-least-once: a frame
   queued but not yet processed when the worker dies is not redelivered (it was acknowledged).
 - *Redeliveries.* After a reconnect the broker may resend a message whose PUBACK it had not taken in
-  yet. The source remembers its last ``4 x receive_maximum`` acknowledged messages (packet id and
-  payload digest); a resent one is acknowledged again and skipped, counted as
-  ``frames_dropped_total{reason="mqtt_duplicate"}``, so a frame is not processed twice.
+  yet. Across its own resync reconnects the source remembers its last ``4 x receive_maximum``
+  acknowledged messages (packet id and payload digest); a resent one is acknowledged again and
+  skipped, counted as ``frames_dropped_total{reason="mqtt_duplicate"}``, so a frame is not processed
+  twice. After a lost connection that memory is cleared (the session, and its packet ids, may be
+  new), so a resend there can still be processed twice, as QoS 1 allows.
 
 aiomqtt 2.5 has no public switch for manual acknowledgement or Receive Maximum, so
 ``_configure_flow_control`` sets them on the client's paho client and CONNECT properties; it is the
@@ -133,7 +135,9 @@ class _RecentMessages:
     After a reconnect the broker can resend messages whose PUBACK it had not yet taken in (QoS 1 is
     at-least-once); a message with the same packet id and the same payload digest as one of the last
     few acknowledged ones is such a redelivery. Packet ids count up per session, so a new message
-    does not reuse one of the last ``size`` ids before the 65535 ids wrap around.
+    does not reuse one of the last ``size`` ids before the 65535 ids wrap around. The memory is
+    kept across the source's own "resync" reconnects (same session) and cleared after a lost
+    connection: the broker may come back with a new session whose ids start again at 1.
     """
 
     def __init__(self, size: int) -> None:
@@ -148,6 +152,9 @@ class _RecentMessages:
 
     def __contains__(self, key: tuple[int, bytes]) -> bool:
         return key in self._keys
+
+    def clear(self) -> None:
+        self._keys.clear()
 
     def add(self, key: tuple[int, bytes] | None) -> None:
         if key is None:
@@ -270,6 +277,8 @@ class MqttSource:
                     return
                 self.telemetry.reconnect("broker:source")
                 if outcome == "lost":
+                    # the broker may come back with a new session whose packet ids start again
+                    self._recent.clear()
                     await asyncio.wait({stop_wait}, timeout=backoff.next_delay())
         finally:
             stop_wait.cancel()
