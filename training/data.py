@@ -5,6 +5,12 @@ directly, or wide scenes letterboxed like the worker's pre-processing does with 
 boxes (xyxy, input pixels), class ids, and each instance's mask at prototype resolution
 (``size / 4``, soft uint8 0..255 from area averaging of the exact mask).
 
+Crowded frames (``dense``, training only, off unless asked for): a share of the wide frames is
+drawn with ``DENSE_PARTS`` parts instead of 1..12, as crowded as the demo clip (about 12 visible
+instances per frame, 14 % of them split in several pieces by parts lying on them, against 6 and
+6 % in ordinary wide frames). The draw that picks them happens only when ``dense > 0``, so the
+validation, test and clip streams are the same frames with or without it.
+
 Random streams: frame ``i`` of purpose ``p`` with seed ``s`` uses
 ``numpy.random.default_rng([s, p, i])``; purposes ``TRAIN``, ``VAL``, ``TEST`` and ``CLIP`` never
 share a stream, so held-out frames are never seen in training.
@@ -46,6 +52,7 @@ TRAIN, VAL, TEST, CLIP = 0, 1, 2, 3
 MAX_INSTANCES = 16
 PAD_VALUE = 114
 WIDE_FRACTION = 0.35  # share of samples that are letterboxed wide (16:9) frames
+DENSE_PARTS = (10, 16)  # parts drawn in a crowded wide frame (``dense``)
 
 
 @dataclass(slots=True)
@@ -69,13 +76,21 @@ def letterbox_params(height: int, width: int, size: int) -> tuple[float, int, in
     return scale, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
 
 
-def eval_frame(seed: int, purpose: int, index: int, size: int = 320) -> Scene:
-    """The original-resolution frame ``index`` of a stream (square or wide, as in training)."""
+def eval_frame(seed: int, purpose: int, index: int, size: int = 320, *, dense: float = 0.0) -> Scene:
+    """The original-resolution frame ``index`` of a stream (square or wide, as in training).
+
+    ``dense``: share of the wide frames drawn crowded (``DENSE_PARTS`` parts); 0 leaves the stream
+    exactly as it is without the option.
+    """
     rng = np.random.default_rng([seed, purpose, index])
     if rng.random() < WIDE_FRACTION:
         h, w = int(size * 9 / 8), size * 2  # 16:9 at twice the model size (e.g. 640x360)
         short = h
-        return random_scene(rng, h, w, size_range=(0.085 * short, 0.38 * short), max_parts=12)
+        size_range = (0.085 * short, 0.38 * short)
+        if dense > 0 and rng.random() < dense:
+            lo, hi = DENSE_PARTS
+            return random_scene(rng, h, w, size_range=size_range, min_parts=lo, max_parts=hi)
+        return random_scene(rng, h, w, size_range=size_range, max_parts=12)
     return random_scene(rng, size, size)
 
 
@@ -88,14 +103,14 @@ def _boxes_from_masks(masks: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def make_sample(seed: int, purpose: int, index: int, size: int = 320) -> Sample:
+def make_sample(seed: int, purpose: int, index: int, size: int = 320, *, dense: float = 0.0) -> Sample:
     """Render frame ``index`` of the stream and turn it into a model-input sample.
 
     Square frames are used as they are; wide frames are letterboxed (bilinear resize, centred,
     padded with 114) exactly as inference pre-processing does. A random share of frames is passed
     through JPEG compression (the clip and cameras are compressed video).
     """
-    scene = eval_frame(seed, purpose, index, size)
+    scene = eval_frame(seed, purpose, index, size, dense=dense)
     rng = np.random.default_rng([seed, purpose, index, 1])
     img = scene.image
     h, w = img.shape[:2]
@@ -156,17 +171,26 @@ class CachedDataset:
         return int(self.images.shape[0])
 
 
-def _work(args: tuple[int, int, int, int]) -> tuple[int, Sample]:
-    seed, purpose, index, size = args
-    return index, make_sample(seed, purpose, index, size)
+def _work(args: tuple[int, int, int, int, float]) -> tuple[int, Sample]:
+    seed, purpose, index, size, dense = args
+    return index, make_sample(seed, purpose, index, size, dense=dense)
 
 
 def build_cache(
-    folder: Path, n: int, *, seed: int, purpose: int = TRAIN, size: int = 320, workers: int = 2
+    folder: Path,
+    n: int,
+    *,
+    seed: int,
+    purpose: int = TRAIN,
+    size: int = 320,
+    workers: int = 2,
+    dense: float = 0.0,
 ) -> CachedDataset:
     """Generate ``n`` samples into ``folder`` (reused as is when it already holds the same set)."""
     folder = Path(folder)
     meta = {"n": n, "seed": seed, "purpose": purpose, "size": size, "max_instances": MAX_INSTANCES, "v": 2}
+    if dense > 0:
+        meta["dense"] = dense
     meta_path = folder / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         return load_cache(folder)
@@ -181,7 +205,7 @@ def build_cache(
     mask_chunks: list[np.ndarray] = []
     total = 0
     t0 = time.monotonic()
-    jobs = [(seed, purpose, i, size) for i in range(n)]
+    jobs = [(seed, purpose, i, size, dense) for i in range(n)]
     ctx = mp.get_context("fork")
     with ctx.Pool(workers) as pool:
         for done, (i, s) in enumerate(pool.imap(_work, jobs, chunksize=32), start=1):

@@ -3,7 +3,7 @@
 Usage::
 
     python -m training.evaluate --package worker/bundled_models/factory-parts/1 \
-        --input-sizes 320 384 416 448 480 --write
+        --input-sizes 320 384 416 448 480 512 --write
 
 Everything goes through the worker's own code: ``OnnxSegmentationModel`` (letterbox + batched
 ONNX Runtime) and ``postprocess_frame`` (thresholds, NMS, crop-based mask decoding), masks encoded

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["STRIDES", "ExportWrapper", "RawOutput", "SegNet", "make_anchors"]
+__all__ = ["STRIDES", "ExportWrapper", "RawOutput", "SegNet", "fp32_conv", "make_anchors"]
 
 STRIDES = (8, 16, 32)
 NUM_COEFFS = 32
@@ -116,6 +116,19 @@ def make_anchors(feats: list[torch.Tensor], strides: tuple[int, ...]) -> tuple[t
     return torch.cat(points), torch.cat(stride_list)
 
 
+def fp32_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in float32 even inside a bfloat16 ``torch.autocast`` region.
+
+    The output layers (box distances, class logits, mask coefficients, prototypes) stay in float32
+    under mixed-precision training: bfloat16 keeps 8 bits of mantissa, about a pixel at the far
+    end of a stride-32 box distance. Outside autocast (inference, export) this is plain ``conv(x)``.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return conv(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x.float())
+
+
 class Head(nn.Module):
     def __init__(self, c_in: int, c_hidden: int, c_out: int) -> None:
         super().__init__()
@@ -123,7 +136,7 @@ class Head(nn.Module):
         self.out = nn.Conv2d(c_hidden, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
+        return fp32_conv(self.out, self.body(x))
 
 
 class SegNet(nn.Module):
@@ -194,7 +207,7 @@ class SegNet(nn.Module):
             coef.append(self.coef[i](f).flatten(2))
         proto = self.proto_in(n3)
         proto = self.proto_fuse(torch.cat((self.up(proto), p2), 1))
-        proto = self.proto_out(self.proto_mid(proto))
+        proto = fp32_conv(self.proto_out, self.proto_mid(proto))
         anchors, strides = make_anchors(feats, STRIDES)
         return RawOutput(
             dist=torch.cat(dist, 2).transpose(1, 2).reshape(b, -1, 4),

@@ -93,3 +93,24 @@ def test_wide_samples_are_letterboxed_like_the_worker() -> None:
             assert (sample.image[:top] == 114).all()
             assert (sample.boxes[:, 1] >= top - 1e-3).all() and (sample.boxes[:, 3] <= top + nh + 1e-3).all()
     assert shapes == {(320, 320), (360, 640)}
+
+
+def test_crowded_training_frames_leave_other_streams_and_square_frames_alone() -> None:
+    from training.data import DENSE_PARTS, VAL
+
+    wide_plain, wide_dense = [], []
+    for i in range(16):
+        plain = eval_frame(0, VAL, i)
+        # dense=0 is the stream as it always was (the option's extra draw is not made)
+        assert np.array_equal(plain.image, eval_frame(0, VAL, i, dense=0.0).image)
+        crowded = eval_frame(0, TRAIN, i, dense=1.0)
+        if crowded.image.shape[:2] == (320, 320):
+            # square frames are drawn before the crowded choice: the same frame either way
+            assert np.array_equal(crowded.image, eval_frame(0, TRAIN, i).image)
+        else:
+            wide_dense.append(len(crowded.masks))
+            wide_plain.append(len(eval_frame(0, TRAIN, i).masks))
+    assert wide_dense, "no wide frame among the first 16"
+    assert min(wide_dense) >= DENSE_PARTS[0] // 2  # placements hiding over half a part are refused
+    assert max(wide_dense) <= 16  # MAX_INSTANCES: nothing is cut off when the cache pads
+    assert np.mean(wide_dense) > np.mean(wide_plain) + 3

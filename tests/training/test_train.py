@@ -12,8 +12,17 @@ torch = pytest.importorskip("torch")
 
 from training.data import TRAIN, build_cache  # noqa: E402
 from training.loss import Targets, assign, compute_loss, mask_loss  # noqa: E402
-from training.model import SegNet, make_anchors  # noqa: E402
-from training.train import TrainConfig, augment, make_batch, train, zoom  # noqa: E402
+from training.model import ExportWrapper, SegNet, make_anchors  # noqa: E402
+from training.train import (  # noqa: E402
+    TrainConfig,
+    augment,
+    cpu_has_bf16,
+    make_batch,
+    resolve_precision,
+    train,
+    train_step,
+    zoom,
+)
 from worker.models.onnx_backend import OnnxSegmentationModel  # noqa: E402
 
 
@@ -176,3 +185,49 @@ def test_a_few_steps_write_a_loadable_package(tmp_path: Path) -> None:
     assert props["imgsz"] == "[384, 384]" and props["task"] == "segment"
     again = OnnxSegmentationModel(tmp_path / "pkg", intra_op_threads=1, input_size=(320, 320))
     assert np.array_equal(again.infer([np.zeros((100, 200, 3), np.uint8)])[0].predictions, before)
+
+
+def test_precision_setting_resolves_to_bf16_or_fp32() -> None:
+    assert resolve_precision("fp32") == "fp32"
+    assert resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision("fp16")
+
+
+def test_under_bf16_autocast_the_output_layers_stay_float32() -> None:
+    torch.manual_seed(0)
+    net = SegNet(4).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+    for name in ("dist", "cls_logits", "coeffs", "proto"):
+        got, want = getattr(out, name), getattr(ref, name)
+        assert got.dtype == torch.float32, name
+        assert got.shape == want.shape, name
+        # bfloat16 inside the network: close to, not equal to, the float32 outputs
+        assert torch.allclose(got, want, atol=0.25, rtol=0.05), name
+    # outside autocast (inference, ONNX export) nothing changes: plain float32 throughout
+    with torch.no_grad():
+        y0, p0 = ExportWrapper(net)(x)
+    assert y0.dtype == torch.float32 and torch.equal(p0, ref.proto)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_lowers_the_loss_on_a_repeated_batch(tmp_path: Path, precision: str) -> None:
+    torch.manual_seed(0)
+    ds = build_cache(tmp_path / "cache", 4, seed=5, purpose=TRAIN, workers=1)
+    net = SegNet(4).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    cfg = TrainConfig(batch=4, precision=precision)
+    gen = torch.Generator().manual_seed(0)
+    idx = np.arange(4)
+    losses = []
+    for _ in range(6):
+        parts = train_step(net, opt, ds, idx, gen, cfg)
+        assert torch.isfinite(parts.total)
+        losses.append(float(parts.total.detach()))
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights stay float32
+    assert losses[-1] < losses[0]
