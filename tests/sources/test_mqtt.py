@@ -287,20 +287,25 @@ def test_recent_messages_know_a_redelivery_by_packet_id_and_payload() -> None:
 
     from worker.sources.mqtt import _RecentMessages
 
+    def key(qos: int, mid: int, payload: bytes, limit: int = 1024) -> tuple[int, int, bytes] | None:
+        return _RecentMessages.key(SimpleNamespace(qos=qos, mid=mid), payload, limit)
+
     recent = _RecentMessages(2)
-    first = _RecentMessages.key(SimpleNamespace(qos=1, mid=7), b"frame-a")
+    first = key(1, 7, b"frame-a")
     assert first is not None and first not in recent
     recent.add(first)
-    assert _RecentMessages.key(SimpleNamespace(qos=1, mid=7), b"frame-a") in recent
-    assert _RecentMessages.key(SimpleNamespace(qos=1, mid=7), b"frame-b") not in recent  # id reused
-    assert _RecentMessages.key(SimpleNamespace(qos=1, mid=8), b"frame-a") not in recent  # same bytes
-    assert _RecentMessages.key(SimpleNamespace(qos=0, mid=0), b"frame-a") is None  # QoS 0: never resent
+    assert key(1, 7, b"frame-a") in recent
+    assert key(1, 7, b"frame-b") not in recent  # id reused
+    assert key(1, 8, b"frame-a") not in recent  # same bytes
+    assert key(0, 0, b"frame-a") is None  # QoS 0: never resent
+    # a payload over the limit (refused unread) is keyed by id and length, not hashed
+    assert key(1, 7, b"frame-a", limit=3) == (7, 7, b"")
     recent.add(None)
     for mid in (8, 9):
-        recent.add(_RecentMessages.key(SimpleNamespace(qos=1, mid=mid), b"x"))
+        recent.add(key(1, mid, b"x"))
     assert first not in recent  # bounded: the oldest is forgotten
     recent.clear()
-    assert _RecentMessages.key(SimpleNamespace(qos=1, mid=9), b"x") not in recent
+    assert key(1, 9, b"x") not in recent
 
 
 def test_config_bounds() -> None:

@@ -141,22 +141,28 @@ class _RecentMessages:
     """
 
     def __init__(self, size: int) -> None:
-        self._keys: collections.OrderedDict[tuple[int, bytes], None] = collections.OrderedDict()
+        self._keys: collections.OrderedDict[tuple[int, int, bytes], None] = collections.OrderedDict()
         self._size = size
 
     @staticmethod
-    def key(message: aiomqtt.Message, payload: bytes | bytearray) -> tuple[int, bytes] | None:
+    def key(
+        message: aiomqtt.Message, payload: bytes | bytearray, digest_limit: int
+    ) -> tuple[int, int, bytes] | None:
+        """``(packet id, length, digest)``; a payload over ``digest_limit`` bytes (refused unread)
+        is not hashed, so an oversized message costs the event loop nothing."""
         if message.qos == 0:
             return None
-        return message.mid, hashlib.blake2b(payload, digest_size=16).digest()
+        n = len(payload)
+        digest = hashlib.blake2b(payload, digest_size=16).digest() if n <= digest_limit else b""
+        return message.mid, n, digest
 
-    def __contains__(self, key: tuple[int, bytes]) -> bool:
+    def __contains__(self, key: tuple[int, int, bytes]) -> bool:
         return key in self._keys
 
     def clear(self) -> None:
         self._keys.clear()
 
-    def add(self, key: tuple[int, bytes] | None) -> None:
+    def add(self, key: tuple[int, int, bytes] | None) -> None:
         if key is None:
             return
         self._keys[key] = None
@@ -344,7 +350,7 @@ class MqttSource:
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode() if payload is not None else b""
-        key = self._recent.key(message, payload)
+        key = self._recent.key(message, payload, self.config.max_payload_bytes)
         if key is not None and key in self._recent:
             # a redelivery of a frame this source already queued and acknowledged
             self.telemetry.frame_dropped(self.source_id, "mqtt_duplicate")
