@@ -12,6 +12,10 @@ with ``worker.step.rle.encode_crop`` exactly as the v4 step publishes them.
 - Held-out frames: ``--frames`` generated frames of stream ``[--seed, TEST]`` (never used in
   training), at their original sizes (320x320 squares and 640x360 wide frames).
 - The demo clip: every frame of ``worker/assets/demo_clip.mp4`` against ``demo_clip_coco.json``.
+- Other clips (``--clip-seeds``): the same clip design with other seeds, written by
+  ``training.make_clip`` into a temporary folder and scored the same way (segm, ``accurate``).
+  A clip has one belt, one exposure and one light for all its frames, so one clip's score moves
+  with its seed far more than the held-out score does; this shows by how much.
 - bbox and segm mAP50 and mAP50:95 (pycocotools ``COCOeval``), overall and per class, for each
   ``mask_decode_mode`` (bbox results do not depend on the mode; they are reported once).
 - Input size (``--input-sizes``): the network is fully convolutional, so it can run at another
@@ -30,6 +34,7 @@ import argparse
 import contextlib
 import io
 import json
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -42,7 +47,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from training.data import TEST, VAL, eval_frame
-from training.make_clip import CLIP_FILE, GT_FILE, coco_categories
+from training.make_clip import CLIP_FILE, GT_FILE, coco_categories, make_clip
 from training.synth import CLASS_NAMES
 from worker.models.onnx_backend import OnnxSegmentationModel
 from worker.step.detections import Detections
@@ -51,6 +56,7 @@ from worker.step.rle import encode_crop
 
 __all__ = [
     "MODES",
+    "clip_seed_spread",
     "coco_eval",
     "detections_to_coco",
     "eval_params",
@@ -321,6 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-seed", type=int, default=2, help="seed of the validation frames (thresholds)")
     ap.add_argument("--val-frames", type=int, default=300)
     ap.add_argument("--no-clip", action="store_true")
+    ap.add_argument(
+        "--clip-seeds",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also generate the demo clip with these seeds and score each (segm, accurate)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="write thresholds and metrics into metadata.json")
     ap.add_argument("--report", type=Path, default=REPO / "training" / "runs" / "evaluation.json")
@@ -375,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         frames, clip_gt = load_clip(a.assets)
         evaluation["clip"] = evaluate_set(model, frames, clip_gt)
         print(format_table("demo clip", evaluation["clip"]), flush=True)
+    if a.clip_seeds:
+        evaluation["clip_seeds"] = clip_seed_spread(model, a.clip_seeds)
 
     a.report.parent.mkdir(parents=True, exist_ok=True)
     a.report.write_text(json.dumps({"thresholds": [overall, per_class], **evaluation}, indent=2))
@@ -392,6 +407,25 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(meta, indent=2) + "\n")
         set_onnx_imgsz(a.package / "weights.onnx", model.input_size)
         print(f"wrote recommended_parameters and metrics to {path}, imgsz {list(model.input_size)}")
+
+
+def clip_seed_spread(
+    model: OnnxSegmentationModel, seeds: Sequence[int], *, seconds: float = 10.0
+) -> dict[str, Any]:
+    """Segm (``accurate``) mAP50 and mAP50:95 of the demo clip made with each of ``seeds``
+    (``seconds`` long), and their minimum, mean and maximum mAP50 under ``"summary"``."""
+    out: dict[str, Any] = {}
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix="segstream-clip-") as tmp:
+            make_clip(Path(tmp), seed, seconds=seconds)
+            frames, gt = load_clip(Path(tmp))
+            r = evaluate_set(model, frames, gt, modes=(("accurate", 0.0),))["segm_accurate"]
+        out[str(seed)] = {"map50": r["map50"], "map": r["map"]}
+        print(f"clip seed {seed}: segm mAP50 {r['map50']:.3f}, mAP50:95 {r['map']:.3f}", flush=True)
+    m50 = [v["map50"] for v in out.values()]
+    out["summary"] = {"min_map50": min(m50), "mean_map50": float(np.mean(m50)), "max_map50": max(m50)}
+    print(f"{len(seeds)} clips: segm mAP50 min {min(m50):.3f}, mean {np.mean(m50):.3f}, max {max(m50):.3f}")
+    return out
 
 
 def set_onnx_imgsz(path: Path, size: tuple[int, int]) -> None:

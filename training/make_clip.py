@@ -29,10 +29,13 @@ from pycocotools import mask as mask_utils
 from training.data import CLIP
 from training.synth import CLASS_NAMES, Finish, make_belt, place_parts, render
 
-__all__ = ["CLIP_FILE", "GT_FILE", "coco_categories", "make_clip", "render_clip_frames"]
+__all__ = ["CLIP_FILE", "CLIP_SPEED", "GT_FILE", "coco_categories", "make_clip", "render_clip_frames"]
 
 CLIP_FILE = "demo_clip.mp4"
 GT_FILE = "demo_clip_coco.json"
+# Belt speed, pixels per frame: 600 px/s at 25 fps, so a part crosses the frame in about 2 s (about
+# 0.5 m/s if the frame spans a metre of belt) and the 10 s clip shows about 50 distinct parts.
+CLIP_SPEED = 24
 
 
 def coco_categories() -> list[dict[str, object]]:
@@ -47,7 +50,7 @@ def render_clip_frames(
     height: int = 720,
     fps: int = 25,
     seconds: float = 10.0,
-    speed: int = 6,
+    speed: int = CLIP_SPEED,
     parts_per_screen: float = 9.0,
 ):
     """Yield ``(image_bgr, masks, class_ids)`` for each frame of the clip.
@@ -88,7 +91,9 @@ def render_clip_frames(
         yield scene.image, scene.masks, scene.class_ids
 
 
-def make_clip(out: Path, seed: int = 0, *, fps: int = 25, seconds: float = 10.0) -> dict[str, object]:
+def make_clip(
+    out: Path, seed: int = 0, *, fps: int = 25, seconds: float = 10.0, speed: int = CLIP_SPEED
+) -> dict[str, object]:
     """Write the clip and its COCO ground truth into ``out``; returns a summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,7 @@ def make_clip(out: Path, seed: int = 0, *, fps: int = 25, seconds: float = 10.0)
     t0 = time.monotonic()
     try:
         for t, (img, masks, classes) in enumerate(
-            render_clip_frames(seed, width=width, height=height, fps=fps, seconds=seconds)
+            render_clip_frames(seed, width=width, height=height, fps=fps, seconds=seconds, speed=speed)
         ):
             writer.write(img)
             image_id = t + 1
@@ -135,6 +140,7 @@ def make_clip(out: Path, seed: int = 0, *, fps: int = 25, seconds: float = 10.0)
             "description": "segstream demo clip ground truth (training/make_clip.py)",
             "seed": seed,
             "fps": fps,
+            "speed_px_per_frame": speed,
             "video": CLIP_FILE,
         },
         "images": images,
@@ -175,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "worker" / "assets")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--speed", type=int, default=CLIP_SPEED, help="belt speed, pixels per frame")
     a = ap.parse_args(argv)
-    print(json.dumps(make_clip(a.out, a.seed, seconds=a.seconds)))
+    print(json.dumps(make_clip(a.out, a.seed, seconds=a.seconds, speed=a.speed)))
 
 
 if __name__ == "__main__":

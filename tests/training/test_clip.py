@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from training.evaluate import DEFAULT_ASSETS
-from training.make_clip import CLIP_FILE, GT_FILE, render_clip_frames
+from training.make_clip import CLIP_FILE, CLIP_SPEED, GT_FILE, render_clip_frames
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +51,27 @@ def test_ground_truth_is_consistent_rle(gt: dict) -> None:
 
 
 def test_parts_move_along_the_belt_frame_to_frame(gt: dict) -> None:
+    speed = gt["info"]["speed_px_per_frame"]
+    assert speed == CLIP_SPEED
     boxes: dict[int, list[list[float]]] = {}
     for ann in gt["annotations"]:
         boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
     a, b = np.array(boxes[100]), np.array(boxes[101])
-    inside = a[(a[:, 0] > 10) & (a[:, 0] + a[:, 2] < 1260)]
-    moved = inside + np.array([6.0, 0, 0, 0])
-    # every part fully inside the frame shows up 6 px further right in the next frame, same size
+    inside = a[(a[:, 0] > 10) & (a[:, 0] + a[:, 2] < 1280 - 10 - speed)]
+    assert len(inside) >= 3
+    moved = inside + np.array([speed, 0, 0, 0])
+    # every part fully inside both frames shows up `speed` px further right in the next one, same size
     for box in moved:
         assert np.abs(b - box).max(axis=1).min() <= 1.0
+
+
+def test_clip_shows_many_distinct_parts(gt: dict) -> None:
+    # one part per track: a part enters at the left edge, rides the belt and leaves at the right
+    from training.clip_parts import link_tracks
+
+    tracks = link_tracks(gt)
+    long_tracks = [t for t in tracks if len(t) >= 20]
+    assert len(long_tracks) >= 40, len(long_tracks)
 
 
 def test_generator_reproduces_the_shipped_ground_truth(gt: dict) -> None:

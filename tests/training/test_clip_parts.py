@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from training.clip_parts import link_tracks, mark_split_instances, matched_at_50, track_report
+from training.clip_parts import clip_speed, link_tracks, mark_split_instances, matched_at_50, track_report
 
 
 def _ann(ann_id: int, image_id: int, cls: int, mask: np.ndarray) -> dict:
@@ -36,7 +36,8 @@ def _clip() -> dict:
         for cls, m in ((1, nut), (3, bolt), (4, bracket)):
             anns.append(_ann(len(anns) + 1, t + 1, cls, m))
     categories = [{"id": i, "name": n} for i, n in enumerate(("nut", "washer", "bolt", "bracket"), start=1)]
-    return {"images": images, "annotations": anns, "categories": categories}
+    info = {"speed_px_per_frame": 6}
+    return {"info": info, "images": images, "annotations": anns, "categories": categories}
 
 
 def test_instances_link_into_one_track_per_part() -> None:
@@ -47,6 +48,11 @@ def test_instances_link_into_one_track_per_part() -> None:
     assert {tr[0]["category_id"] for tr in tracks} == {1, 3, 4}
     # at the wrong speed the boxes do not line up: every instance starts its own track
     assert len(link_tracks(gt, speed=-30)) == 9
+    # by default the speed is the one the clip recorded (6 for clips that recorded none)
+    assert clip_speed(gt) == 6.0 and len(link_tracks(gt)) == 3
+    assert clip_speed({"images": [], "annotations": []}) == 6.0
+    gt["info"]["speed_px_per_frame"] = -30
+    assert len(link_tracks(gt)) == 9
 
 
 def test_recall_per_track_counts_matched_instances() -> None:
