@@ -10,8 +10,9 @@ Everything works on whole-batch tensors with ground truth padded to ``M`` instan
   normalised alignment scores.
 - Loss: BCE on class logits, GIoU + L1 (in strides) on boxes, and BCE on mask logits
   (``coeffs @ proto``) against the ground-truth masks at prototype resolution, cropped to the
-  ground-truth box and normalised by its area. Mask logits are computed only inside the boxes, for
-  all positives of the batch at once (``mask_loss``).
+  ground-truth box and normalised by its area, optionally plus a soft Dice loss on the same cells.
+  Mask logits are computed only inside the boxes, for all positives of the batch at once
+  (``mask_loss``).
 """
 
 from __future__ import annotations
@@ -139,9 +140,16 @@ def assign(
 
 
 def mask_loss(
-    coeffs: torch.Tensor, proto: torch.Tensor, targets: Targets, bi: torch.Tensor, gi: torch.Tensor
+    coeffs: torch.Tensor,
+    proto: torch.Tensor,
+    targets: Targets,
+    bi: torch.Tensor,
+    gi: torch.Tensor,
+    *,
+    dice: float = 0.0,
 ) -> torch.Tensor:
-    """Mean over positives of the BCE of mask logits inside the ground-truth box.
+    """Mean over positives of the BCE of mask logits inside the ground-truth box, plus ``dice``
+    times the mean soft Dice loss ``1 - (2|p t| + 1) / (|p| + |t| + 1)`` over the same cells.
 
     Args:
         coeffs: ``(P, 32)`` mask coefficients of the positives.
@@ -179,7 +187,16 @@ def mask_loss(
     target = targets.masks[img, gi[owner], yy, xx]
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     per = torch.zeros(num, dtype=bce.dtype).index_add_(0, owner, bce)
-    return (per / counts.clamp(min=1)).mean()
+    loss = (per / counts.clamp(min=1)).mean()
+    if dice > 0:
+        # Dice weighs each positive's mask as a whole, whatever its size: a one-cell error on a
+        # thin bolt shaft costs it much more than the per-cell BCE says
+        prob = logits.sigmoid()
+        zeros = torch.zeros(num, dtype=prob.dtype)
+        inter = zeros.index_add(0, owner, prob * target)
+        total = zeros.index_add(0, owner, prob + target)
+        loss = loss + dice * (1.0 - (2.0 * inter + 1.0) / (total + 1.0)).mean()
+    return loss
 
 
 def compute_loss(
@@ -187,8 +204,9 @@ def compute_loss(
     targets: Targets,
     *,
     gains: tuple[float, float, float, float] = (7.5, 1.5, 0.5, 7.5),
+    mask_dice: float = 0.0,
 ) -> LossParts:
-    """Total loss and its parts (box GIoU, box L1, class BCE, mask BCE) for a batch."""
+    """Total loss and its parts (box GIoU, box L1, class BCE, mask BCE [+ Dice]) for a batch."""
     pred_boxes = dist_to_xyxy(out.dist, out.anchors)
     fg, tgt, tscores = assign(
         out.cls_logits.detach().sigmoid(), pred_boxes.detach(), out.anchors, targets.boxes, targets.class_ids
@@ -214,7 +232,7 @@ def compute_loss(
     p_dist = out.dist[bi, ai] / stride
     loss_l1 = (F.smooth_l1_loss(p_dist, t_dist, reduction="none").mean(-1) * weight).sum() / tss
 
-    loss_mask = mask_loss(out.coeffs[bi, ai], out.proto, targets, bi, gi)
+    loss_mask = mask_loss(out.coeffs[bi, ai], out.proto, targets, bi, gi, dice=mask_dice)
     total = gains[0] * loss_box + gains[1] * loss_l1 + gains[2] * loss_cls + gains[3] * loss_mask
     return LossParts(
         total, loss_box.detach(), loss_l1.detach(), loss_cls.detach(), loss_mask.detach(), num_pos

@@ -73,6 +73,7 @@ class TrainConfig:
         # steps); 0.997 (~330 steps) was tried and scored the same on held-out frames (segm mAP50
         # 0.878 vs 0.877) and lower on the clip (0.638 vs 0.688)
         self.ema_decay = 0.9995
+        self.mask_dice = 0.0  # weight of the soft Dice term added to the mask BCE (``training.loss``)
         # zoomed batches (``zoom``) are off: a 40-minute run with half the batches zoomed by up to
         # 1.6x reached validation segm mAP50:95 0.720 (best at a 576 input) against 0.734 at 448
         self.zoom_prob = 0.0
@@ -240,7 +241,7 @@ def train_step(
     imgs, targets = augment(imgs, targets, gen)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision(cfg.precision) == "bf16"):
         out = net(imgs.contiguous(memory_format=torch.channels_last))
-    parts = compute_loss(out, targets)
+    parts = compute_loss(out, targets, mask_dice=cfg.mask_dice)
     opt.zero_grad(set_to_none=True)
     parts.total.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
@@ -413,6 +414,7 @@ def train(cfg: TrainConfig, out: Path | None) -> SegNet:
             "parameters": n_params,
             "lr": cfg.lr,
             "ema_decay": cfg.ema_decay,
+            "mask_dice": cfg.mask_dice,
             "zoom": {"prob": cfg.zoom_prob, "max": cfg.max_zoom},
             "input_size_trained": cfg.size,
             "precision": resolve_precision(cfg.precision),
@@ -441,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema-decay", type=float, default=0.9995, help="decay of the weights' moving average")
+    ap.add_argument(
+        "--mask-dice", type=float, default=0.0, help="weight of a soft Dice term added to the mask BCE"
+    )
     ap.add_argument("--zoom-prob", type=float, default=0.0, help="share of batches zoomed in (see zoom)")
     ap.add_argument("--max-zoom", type=float, default=1.6, help="largest zoom factor (1 turns zoom off)")
     ap.add_argument(
@@ -465,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         size=a.size,
         lr=a.lr,
         ema_decay=a.ema_decay,
+        mask_dice=a.mask_dice,
         zoom_prob=a.zoom_prob,
         max_zoom=a.max_zoom,
         precision=a.precision,

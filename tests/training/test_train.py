@@ -67,7 +67,7 @@ def test_mask_loss_equals_the_cropped_bce_over_the_whole_prototype_map() -> None
         [
             [0.0, 0.0, 40.0, 48.0],  # the whole map
             [5.0, 7.0, 23.0, 19.0],  # fractional edges: cells whose centres are inside count
-            [10.0, 10.0, 11.0, 11.0],  # covers no cell centre: adds 0
+            [10.5, 10.5, 11.5, 11.5],  # covers no cell centre (cells 2.625-2.875): adds 0
             [30.0, 2.0, 40.0, 30.0],
         ]
     ).expand(b, m, 4)
@@ -76,24 +76,31 @@ def test_mask_loss_equals_the_cropped_bce_over_the_whole_prototype_map() -> None
     gi = torch.tensor([0, 1, 1, 2, 3, 0, 3, 1])
     coeffs = torch.randn(len(bi), 32, requires_grad=True)
     got = mask_loss(coeffs, proto, targets, bi, gi)
+    with_dice = mask_loss(coeffs, proto, targets, bi, gi, dice=0.5)
     # reference: the full map for each positive, cropped by cell centres, mean over the crop
     xs = torch.arange(wp) + 0.5
     ys = torch.arange(hp) + 0.5
-    per = []
+    per, dice = [], []
     for k in range(len(bi)):
         x1, y1, x2, y2 = (boxes[bi[k], gi[k]] / 4).tolist()
         crop = ((ys[:, None] >= y1) & (ys[:, None] < y2) & (xs[None] >= x1) & (xs[None] < x2)).float()
         logits = torch.einsum("c,chw->hw", coeffs[k], proto[bi[k]])
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, masks[bi[k], gi[k]], reduction="none"
-        )
+        target = masks[bi[k], gi[k]]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
         per.append((bce * crop).sum() / crop.sum().clamp(min=1))
+        p = logits.sigmoid() * crop
+        dice.append(1 - (2 * (p * target).sum() + 1) / (p.sum() + (target * crop).sum() + 1))
     want = torch.stack(per).mean()
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    g_got = torch.autograd.grad(got, (coeffs, proto))
-    g_want = torch.autograd.grad(want, (coeffs, proto))
-    for a, e in zip(g_got, g_want, strict=True):
-        assert torch.allclose(a, e, atol=1e-7)
+    want_dice = want + 0.5 * torch.stack(dice).mean()
+    assert with_dice.item() == pytest.approx(want_dice.item(), rel=1e-6)
+    # the box over no cell centre (slot 2) adds nothing to either term
+    assert all(per[k].item() == 0.0 and dice[k].item() == 0.0 for k in range(len(gi)) if gi[k] == 2)
+    for g, w in ((got, want), (with_dice, want_dice)):
+        g_got = torch.autograd.grad(g, (coeffs, proto), retain_graph=True)
+        g_want = torch.autograd.grad(w, (coeffs, proto), retain_graph=True)
+        for a, e in zip(g_got, g_want, strict=True):
+            assert torch.allclose(a, e, atol=1e-6)
 
 
 def test_augment_moves_boxes_with_the_masks() -> None:
