@@ -12,6 +12,8 @@
     source and the JSONL sink: reader thread -> bounded queue -> batcher -> model threads -> sink,
     with the demo pipeline's own ``model.intra_op_threads`` and ``inference_threads`` (batches in
     flight at once), unless ``--pipeline-intra-op-threads`` / ``--inference-threads`` say otherwise.
+    Each single-threaded session runs a batch frame by frame (``model.session_batch``, see
+    ``worker.models.onnx_backend``; ``--pipeline-session-batch`` sets it).
     The settings of each are printed first.
 
 Each runs over the same first ``--frames`` frames of the clip, at batch sizes 1 and 4, with the
@@ -37,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -80,20 +81,10 @@ class Case:
         return f"input {size}, batch {self.batch}"
 
 
-def _backend_options(config: PipelineConfig) -> dict[str, Any]:
-    """What ``Worker._build_runner`` hands the model backend, from the same config."""
-    options: dict[str, Any] = {
-        "intra_op_threads": config.model.intra_op_threads,
-        "inter_op_threads": config.model.inter_op_threads,
-    }
-    if config.model.input_size is not None:
-        options["input_size"] = tuple(config.model.input_size)
-    return options
-
-
 def _build_runner(config: PipelineConfig, models_dir: Path | None) -> WorkflowRunner:
     registry = ModelRegistry(default_models_dirs(models_dir))
-    return WorkflowRunner(load_workflow(config.workflow), registry, backend_options=_backend_options(config))
+    options = config.model.backend_options()
+    return WorkflowRunner(load_workflow(config.workflow), registry, backend_options=options)
 
 
 def run_bare(model: OnnxSegmentationModel, images: list[np.ndarray], case: Case, frames: int) -> float:
@@ -171,6 +162,8 @@ def _config(
         intra_op_threads=args.intra_op_threads if baseline else args.pipeline_intra_op_threads,
         inference_threads=1 if baseline else args.inference_threads,
     )
+    if not baseline and args.pipeline_session_batch is not None:
+        doc["model"]["session_batch"] = args.pipeline_session_batch
     return PipelineConfig.model_validate(doc)
 
 
@@ -183,7 +176,7 @@ def _describe(name: str, model: OnnxSegmentationModel, inference_threads: int | 
     print(
         f"{name}: intra_op_threads={options.intra_op_num_threads} (0 = one per physical core), "
         f"inter_op_threads={options.inter_op_num_threads}, spinning={'on' if spinning == '1' else 'off'}, "
-        f"{model.providers[0]}{extra}"
+        f"session_batch={model.session_batch or 'whole batch'}, {model.providers[0]}{extra}"
     )
 
 
@@ -210,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="(c): ONNX Runtime intra-op threads (default: the demo pipeline's)",
+    )
+    parser.add_argument(
+        "--pipeline-session-batch",
+        type=int,
+        default=None,
+        help="(c): most frames per ONNX Runtime call (default: the backend's choice, 1 for a "
+        "single-threaded session; a number >= the batch size runs whole batches, as before)",
     )
     parser.add_argument(
         "--inference-threads",
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             sized = model
             if case.input_size != native:
                 sized = OnnxSegmentationModel(
-                    model.package_path, **_backend_options(base), model_id=model.model_id
+                    model.package_path, **base.model.backend_options(), model_id=model.model_id
                 )
             bare = run_bare(sized, images, case, args.frames)
             loop = run_loop(base, models_dir, args.clip, args.frames, Path(tmp) / "loop.jsonl")

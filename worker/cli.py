@@ -36,13 +36,7 @@ def _workflow_and_models_dir(path: Path) -> tuple[Any, Path | None, dict[str, An
     doc = _read(path)
     if looks_like_pipeline(doc):
         pipeline = load_pipeline(path)
-        options: dict[str, Any] = {
-            "intra_op_threads": pipeline.model.intra_op_threads,
-            "inter_op_threads": pipeline.model.inter_op_threads,
-            "blas_threads": pipeline.blas_threads,
-        }
-        if pipeline.model.input_size is not None:
-            options["input_size"] = tuple(pipeline.model.input_size)
+        options: dict[str, Any] = {**pipeline.model.backend_options(), "blas_threads": pipeline.blas_threads}
         return load_workflow(pipeline.workflow), pipeline.model.models_dir, options
     return load_workflow(doc), None, {}
 

@@ -59,6 +59,25 @@ class ModelRuntimeConfig(_Strict):
     input_size: tuple[int, int] | None = Field(
         None, description="run the model at (h, w) instead of its default"
     )
+    session_batch: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="most frames per ONNX Runtime call; default: 1 for a single-threaded CPU session "
+        "(a batch only adds cache pressure there), else the whole batch",
+    )
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``OnnxSegmentationModel`` (those set; the rest keep its defaults)."""
+        options: dict[str, Any] = {
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+        }
+        if self.input_size is not None:
+            options["input_size"] = tuple(self.input_size)
+        if self.session_batch is not None:
+            options["session_batch"] = self.session_batch
+        return options
 
 
 class HttpConfig(_Strict):

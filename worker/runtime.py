@@ -107,12 +107,7 @@ class Worker:
 
     def _build_runner(self) -> WorkflowRunner:
         dirs = default_models_dirs(self._models_dir)
-        options: dict[str, Any] = {
-            "intra_op_threads": self.config.model.intra_op_threads,
-            "inter_op_threads": self.config.model.inter_op_threads,
-        }
-        if self.config.model.input_size is not None:
-            options["input_size"] = tuple(self.config.model.input_size)
+        options = self.config.model.backend_options()
         return WorkflowRunner(self.workflow, ModelRegistry(dirs), backend_options=options)
 
     def _on_source_error(self, report: ErrorReport) -> None:

@@ -48,12 +48,14 @@ def _package(tmp_path: Path, name: str = "pkg", **model_kwargs: Any) -> Path:
     return write_model_package(tmp_path / name, model, doc)
 
 
-def _input_dependent(tmp_path: Path, name: str = "dep", **kwargs: Any) -> OnnxSegmentationModel:
+def _input_dependent(
+    tmp_path: Path, name: str = "dep", *, session_batch: int | None = 16, **kwargs: Any
+) -> OnnxSegmentationModel:
     gain = np.zeros_like(ROWS)
     gain[4:6] = 1.0  # class scores grow with the frame's mean brightness
     gain[0] = 10.0  # and so does cx
     folder = _package(tmp_path, name, input_gain=gain, prototype_gain=np.linspace(0.5, 2.0, 32), **kwargs)
-    return OnnxSegmentationModel(folder, intra_op_threads=1)
+    return OnnxSegmentationModel(folder, intra_op_threads=1, session_batch=session_batch)
 
 
 def test_constant_outputs_pass_through(tmp_path: Path) -> None:
@@ -99,6 +101,41 @@ def test_static_batch_models_run_in_chunks(tmp_path: Path) -> None:
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g.predictions, e.predictions, rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(g.prototypes, e.prototypes, rtol=1e-6, atol=1e-6)
+
+
+def test_session_batch_splits_a_batch_into_session_runs(tmp_path: Path) -> None:
+    whole = _input_dependent(tmp_path, "whole")
+    frames = _frames()
+    expected = whole.infer(frames)
+    for session_batch, runs in ((1, 5), (2, 3), (4, 2), (8, 1)):
+        model = _input_dependent(tmp_path, f"sb{session_batch}", session_batch=session_batch)
+        sizes: list[int] = []
+        run = model._run
+
+        def counting(batch: np.ndarray, run: Any = run, sizes: list[int] = sizes) -> Any:
+            sizes.append(batch.shape[0])
+            return run(batch)
+
+        model._run = counting  # type: ignore[method-assign]
+        got = model.infer(frames)
+        assert len(sizes) == runs and sum(sizes) == len(frames) and max(sizes) <= session_batch
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g.predictions, e.predictions, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(g.prototypes, e.prototypes, rtol=1e-6, atol=1e-6)
+            assert g.letterbox == e.letterbox
+
+
+def test_session_batch_default_follows_the_session_threads(tmp_path: Path) -> None:
+    folder = _package(tmp_path)
+    # one CPU thread: frame by frame (a batch only adds cache pressure); more threads: whole batches
+    assert OnnxSegmentationModel(folder, intra_op_threads=1).session_batch == 1
+    assert OnnxSegmentationModel(folder, intra_op_threads=2).session_batch is None
+    assert OnnxSegmentationModel(folder, intra_op_threads=0).session_batch is None
+    assert OnnxSegmentationModel(folder, intra_op_threads=1, session_batch=4).session_batch == 4
+    static = _input_dependent(tmp_path, "static", dynamic_batch=False, static_batch=2, session_batch=None)
+    assert static.session_batch == 2  # a fixed-batch model runs its own batch size
+    with pytest.raises(ValueError, match="session_batch"):
+        OnnxSegmentationModel(folder, session_batch=0)
 
 
 def test_prototypes_show_the_frame_where_the_letterbox_put_it(tmp_path: Path) -> None:
