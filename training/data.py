@@ -9,8 +9,8 @@ Crowded frames (``dense``, for training: ``training.train --dense``): a share of
 is drawn with ``DENSE_PARTS`` parts instead of 1..12, closer to the demo clip. The shipped clip
 shows 9.6 instances per frame, 4.6 % of them split into several pieces by parts lying on them (the
 first clip, with a slower belt: 12.5 and 13.7 %); ordinary wide frames show 6.4 (6.2 % split),
-crowded ones 12.3 (9.0 %). The draw that picks them happens
-only when ``dense > 0``, so the validation, test and clip streams are the same frames as ever.
+crowded ones 12.3 (9.0 %). The draw that picks them happens only when ``dense > 0``, so the
+validation, test and clip streams are the same frames as ever.
 
 Random streams: frame ``i`` of purpose ``p`` with seed ``s`` uses
 ``numpy.random.default_rng([s, p, i])``; purposes ``TRAIN``, ``VAL``, ``TEST`` and ``CLIP`` never

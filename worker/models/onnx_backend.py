@@ -209,9 +209,8 @@ class OnnxSegmentationModel:
         """
         if not images:
             return []
-        capacity = min(self.session_batch or len(images), len(images))
-        if self.signature.static_batch is not None:
-            capacity = self.signature.static_batch
+        # a fixed-batch model always runs its own size (the last chunk padded)
+        capacity = self.signature.static_batch or min(self.session_batch or len(images), len(images))
         buffer = self._buffer(capacity)
         results: list[RawSegmentation] = []
         for start in range(0, len(images), capacity):
