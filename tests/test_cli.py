@@ -160,7 +160,8 @@ def test_infer_reports_an_unreadable_image_and_goes_on(
     assert main([*args, "--models-dir", str(models_dir)]) == 1
     captured = capsys.readouterr()
     assert len(_stdout_objects(captured.out)) == 1  # the good image still gets its result
-    assert "broken.jpg: not a readable image" in captured.err and "none.png" in captured.err
+    assert f"{broken}: not a readable image" in captured.err
+    assert f"{tmp_path / 'none.png'}: no such file" in captured.err
 
 
 def test_models_dir_option_wins_over_the_environment(
@@ -241,3 +242,149 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2 and "usage" in capsys.readouterr().err
+
+
+# ---- infer: parameters, inputs that are not images, closed pipes, annotated images ----------------
+
+
+def _cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != MODELS_DIR_ENV}
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def _control_topic_error(workflow_file: Path, models_dir: Path, inputs: dict[str, object]) -> str:
+    """What the control topic replies to ``{"inputs": inputs}`` for the same workflow and models."""
+    from worker.control import ControlListener
+    from worker.models.registry import ModelRegistry
+    from worker.mqtt import BrokerConfig
+    from worker.step.executor import WorkflowRunner
+    from worker.step.workflow import load_workflow
+    from worker.telemetry import NullTelemetry
+
+    runner = WorkflowRunner(load_workflow(workflow_file), ModelRegistry([models_dir]))
+    refused: list[str] = []
+    listener = ControlListener(
+        BrokerConfig(), "c", runner.set_runtime_inputs, lambda: {}, refused.append, NullTelemetry(), "w"
+    )
+    reply = listener.handle(json.dumps({"inputs": inputs}).encode())
+    assert reply["ok"] is False and refused == [reply["error"]]
+    return str(reply["error"])
+
+
+@pytest.mark.parametrize(
+    "param", ["confidnce=0.5", "confidence=7", "image=1"], ids=["typo", "out-of-range", "not-a-parameter"]
+)
+def test_infer_refuses_a_bad_param_with_the_control_topics_message(
+    workflow_file: Path, models_dir: Path, tmp_path: Path, param: str
+) -> None:
+    image = _image(tmp_path, "a.jpg")
+    proc = _cli("infer", str(workflow_file), str(image), "--models-dir", str(models_dir), "--param", param)
+    name, _, value = param.partition("=")
+    expected = _control_topic_error(workflow_file, models_dir, {name: json.loads(value)})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"error: {expected}\n")
+
+
+def test_infer_names_each_kind_of_bad_input(
+    workflow_file: Path, models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image at all")
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    missing = tmp_path / "missing.jpg"
+    good = _image(tmp_path, "good.jpg")
+    args = ["infer", str(workflow_file), *map(str, (missing, empty, text, folder, good))]
+    assert main([*args, "--models-dir", str(models_dir)]) == 1
+    captured = capsys.readouterr()
+    assert len(_stdout_objects(captured.out)) == 1
+    assert captured.err.splitlines() == [
+        f"error: {missing}: no such file",
+        f"error: {empty}: empty file, not an image",
+        f"error: {text}: not a readable image (a format OpenCV cannot decode, or truncated)",
+        f"error: {folder}: is a directory, not an image",
+    ]
+
+
+def test_infer_is_quiet_when_its_reader_goes_away(
+    workflow_file: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    image = _image(tmp_path, "a.jpg")
+    # far more output than a pipe holds (64 KiB): the worker is still writing when the reader leaves
+    args = ["infer", str(workflow_file), *[str(image)] * 300, "--pretty", "--models-dir", str(models_dir)]
+    env = {k: v for k, v in os.environ.items() if k != MODELS_DIR_ENV}
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()  # what `| head -1` does: one line, then close the pipe
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, stderr
+    assert first.strip() == b"{" and stderr == ""
+
+
+def test_infer_in_a_shell_pipeline_to_head(workflow_file: Path, models_dir: Path, tmp_path: Path) -> None:
+    image = _image(tmp_path, "a.jpg")
+    command = (
+        f"{sys.executable} -m worker.cli infer {workflow_file} {' '.join([str(image)] * 300)} "
+        f"--models-dir {models_dir} | head -1"
+    )
+    env = {k: v for k, v in os.environ.items() if k != MODELS_DIR_ENV}
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    (doc,) = _stdout_objects(proc.stdout)
+    assert doc["model_id"] == MODEL_ID
+
+
+def test_infer_writes_annotated_images_into_a_folder_or_a_file(
+    workflow_file: Path, models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = _image(tmp_path, "a.jpg", 1), _image(tmp_path, "b.png", 2)
+    out = tmp_path / "annotated"
+    base = ["infer", str(workflow_file), "--models-dir", str(models_dir)]
+    assert main([*base, str(a), str(b), "--annotate", str(out)]) == 0
+    docs = _stdout_objects(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.annotated.jpg", "b.annotated.png"]
+    for source, doc in zip((a, b), docs, strict=True):
+        original = cv2.imread(str(source))
+        drawn = cv2.imread(str(out / f"{source.stem}.annotated{source.suffix}"))
+        assert drawn.shape == original.shape
+        changed = cv2.absdiff(drawn, original).max(axis=2) > 40
+        for p in doc["predictions"]["predictions"]:  # each mask is tinted (the masks fill their boxes)
+            x, y = round(p["x"]), round(p["y"])
+            assert changed[y, x], (source.name, p["class"])
+        assert not changed[-3:, :8].any()  # far from every box: untouched (JPEG noise aside)
+
+    single = tmp_path / "one.png"
+    assert main([*base, str(a), "--annotate", str(single)]) == 0
+    assert cv2.imread(str(single)).shape == cv2.imread(str(a)).shape
+    capsys.readouterr()
+
+    assert main([*base, str(a), str(b), "--annotate", str(tmp_path / "two.png")]) == 1
+    assert "a file name takes one image" in capsys.readouterr().err
+    assert main([*base, str(a), "--annotate", str(a)]) == 1
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["result", "error", "status", "control", "control-result", "pipeline"])
+def test_schema_prints_the_shipped_schema(kind: str) -> None:
+    from worker.schemas import shipped
+
+    proc = _cli("schema", kind)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == shipped(kind)
+
+
+def test_schema_of_an_unknown_kind_is_a_usage_error() -> None:
+    proc = _cli("schema", "results")
+    assert proc.returncode == 2 and "invalid choice: 'results'" in proc.stderr

@@ -1,4 +1,4 @@
-"""The ``segstream`` command: ``run``, ``validate``, ``infer``."""
+"""The ``segstream`` command: ``run``, ``validate``, ``infer``, ``schema``."""
 
 from __future__ import annotations
 
@@ -79,30 +79,139 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
     return params
 
 
-def _cmd_infer(args: argparse.Namespace) -> int:
+#: exit status after stdout was closed by the reader (``segstream infer ... | head -1``): 128 + SIGPIPE
+EXIT_BROKEN_PIPE = 141
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class _ImageReadError(Exception):
+    """An input image that cannot be used (the message names the file and why)."""
+
+
+def _read_image(path: Path) -> Any:
+    """The image at ``path`` as a BGR array; distinct errors for each way it can fail."""
     import cv2
     import numpy as np
 
+    if not path.exists():
+        raise _ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise _ImageReadError(f"{path}: is a directory, not an image")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise _ImageReadError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if data.size == 0:
+        raise _ImageReadError(f"{path}: empty file, not an image")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise _ImageReadError(f"{path}: not a readable image (a format OpenCV cannot decode, or truncated)")
+    return image
+
+
+def _annotation_targets(out: Path | None, images: Sequence[str]) -> list[Path] | None:
+    """Where ``--annotate`` writes each image: ``out`` itself (a file, one image) or files in folder ``out``.
+
+    Raises:
+        ConfigError: a file name for several images, or a target that would overwrite an input.
+    """
+    if out is None:
+        return None
+    inputs = [Path(i) for i in images]
+    if out.suffix.lower() in _IMAGE_SUFFIXES and not out.is_dir():
+        if len(inputs) != 1:
+            raise ConfigError(
+                f"--annotate {out}: a file name takes one image; give a folder for {len(inputs)}"
+            )
+        targets = [out]
+    else:
+        targets, used = [], set()
+        for number, source in enumerate(inputs):
+            suffix = source.suffix if source.suffix.lower() in _IMAGE_SUFFIXES else ".png"
+            name = f"{source.stem}.annotated{suffix}"
+            if name in used:  # same file name in two input folders
+                name = f"{source.stem}.annotated-{number}{suffix}"
+            used.add(name)
+            targets.append(out / name)
+    for source, target in zip(inputs, targets, strict=True):
+        if target.resolve() == source.resolve():
+            raise ConfigError(f"--annotate {out}: would overwrite the input {source}")
+    return targets
+
+
+def _write_annotated(runner: Any, outcome: Any, image: Any, target: Path) -> None:
+    """Draw the primary step's detections on ``image`` and write it to ``target``.
+
+    Raises:
+        _ImageReadError: the file cannot be written.
+    """
+    import cv2
+
+    from worker.annotate import annotate
+
+    step = runner.workflow.steps[0].name
+    detections = outcome.detections.get(step)
+    model = runner.models.get(outcome.model_id or "")
+    drawn = image if detections is None else annotate(image, detections, model.class_names if model else ())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = cv2.imwrite(str(target), drawn)
+    except cv2.error as exc:
+        raise _ImageReadError(f"{target}: cannot write the annotated image: {exc}") from None
+    if not written:
+        raise _ImageReadError(f"{target}: cannot write the annotated image")
+
+
+def _silence_stdout() -> None:
+    """stdout's reader is gone: send what is still buffered to /dev/null (no error at exit)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
     from worker.frame import Frame
 
+    targets = _annotation_targets(args.annotate, args.images)
     runner = _runner(args.file, args.models_dir)
     params = _parse_params(args.param)
+    if params:
+        # exactly what the control topic does with {"inputs": {...}}: same checks, same messages
+        runner.set_runtime_inputs(params)
     failures = 0
-    for number, image_path in enumerate(args.images):
-        data = np.fromfile(image_path, dtype=np.uint8) if Path(image_path).is_file() else None
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
-        if image is None:
-            print(f"error: {image_path}: not a readable image", file=sys.stderr)
+    for number, name in enumerate(args.images):
+        path = Path(name)
+        try:
+            image = _read_image(path)
+        except _ImageReadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        frame = Frame("cli", number, Path(image_path).stat().st_mtime, image, Path(image_path).name, params)
+        frame = Frame("cli", number, path.stat().st_mtime, image, path.name)
         (outcome,) = runner.run_batch([frame]).outcomes
         if outcome.error is not None:
-            print(f"error: {image_path}: {outcome.error}", file=sys.stderr)
+            print(f"error: {path}: {outcome.error}", file=sys.stderr)
             failures += 1
             continue
-        print(json.dumps(outcome.outputs, indent=2 if args.pretty else None), flush=True)
+        if targets is not None:
+            try:
+                _write_annotated(runner, outcome, image, targets[number])
+            except _ImageReadError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                failures += 1
+        try:
+            print(json.dumps(outcome.outputs, indent=2 if args.pretty else None), flush=True)
+        except BrokenPipeError:  # the reader closed the pipe (| head): nobody wants the rest
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
     return 1 if failures else 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from worker.schemas import generate, render
+
+    sys.stdout.write(render(generate(args.kind)))
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -145,8 +254,26 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="NAME=VALUE", help="bind $inputs.NAME (JSON value)"
     )
     infer.add_argument("--pretty", action="store_true", help="indent the JSON")
+    infer.add_argument(
+        "--annotate",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="also write each image with its detections drawn: into folder OUT (<name>.annotated.<ext>), "
+        "or to file OUT (one image, .jpg/.png)",
+    )
     models_dir_option(infer)
     infer.set_defaults(func=_cmd_infer)
+
+    from worker.schemas import KINDS
+
+    schema = sub.add_parser(
+        "schema",
+        help="print a JSON Schema: a message kind, or the pipeline file (for editors)",
+        description="Print the JSON Schema (draft 2020-12) of a message kind or of the pipeline file.",
+    )
+    schema.add_argument("kind", choices=KINDS)
+    schema.set_defaults(func=_cmd_schema)
     return parser
 
 
@@ -154,14 +281,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segstream`` console command."""
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
     except SegstreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130
-    finally:
+        code = 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    try:
         sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
