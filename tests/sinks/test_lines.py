@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from tests.support.messages import validate_line
 from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult
 from worker.sinks import JsonlSink, JsonlSinkConfig, StdoutSink, StdoutSinkConfig
@@ -71,6 +73,34 @@ async def test_jsonl_appends_and_can_send_errors_elsewhere(tmp_path: Path) -> No
         await sink.publish_error(error(1))
     assert [line["frame_id"] for line in read_lines(path)] == ["old", "cam1:0"]  # close flushed
     assert [(line["kind"], line["frame_id"]) for line in read_lines(errors)] == [("error", "cam1:1")]
+
+
+@pytest.mark.parametrize(
+    ("mode", "results", "errors"),
+    [
+        ("append", ["old", "cam1:0", "cam1:0"], ["old", "cam1:0", "cam1:1"]),
+        ("overwrite", ["cam1:0"], ["cam1:1"]),
+    ],
+)
+async def test_jsonl_mode_appends_or_starts_the_files_afresh(
+    tmp_path: Path, mode: str, results: list[str], errors: list[str]
+) -> None:
+    path, errors_path = tmp_path / "results.jsonl", tmp_path / "errors.jsonl"
+    for file in (path, errors_path):
+        file.write_bytes(b'{"kind":"result","frame_id":"old"}\n')  # left by an earlier run
+    config = JsonlSinkConfig.model_validate({"path": path, "errors_path": errors_path, "mode": mode})
+    for run in range(2):  # two runs of the worker
+        async with JsonlSink(config) as sink:
+            await sink.publish_result(result("cam1", 0))
+            await sink.publish_error(error(run))
+    assert [line["frame_id"] for line in read_lines(path)] == results
+    assert [line["frame_id"] for line in read_lines(errors_path)] == errors
+    validate_line(errors_path.read_text().splitlines()[-1])
+
+
+def test_jsonl_mode_is_checked() -> None:
+    with pytest.raises(ValidationError, match="'append' or 'overwrite'"):
+        JsonlSinkConfig.model_validate({"path": "x.jsonl", "mode": "truncate"})
 
 
 async def test_jsonl_flushes_by_itself_past_flush_bytes(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Line format: the message's JSON (``FrameResult.to_dict()`` / ``ErrorReport.to_dict()``) with a ``"kind"``
 field first, ``"result"`` or ``"error"``. The JSONL sink writes errors to the same file unless
-``errors_path`` is set; both files are opened in append mode (a restart continues the file).
+``errors_path`` is set; with ``mode: append`` (the default) both files are opened in append mode (a
+restart continues the file), with ``mode: overwrite`` they are emptied when the sink starts (one line per
+frame of this run, as the demo wants).
 
 Writes never happen on the event loop: ``publish_*`` serialize the message and append it to an
 in-memory buffer; ``flush()`` (the runtime calls it after each batch) hands the buffer to the sink's own
@@ -38,7 +40,7 @@ RESULTS, ERRORS = "results", "errors"
 
 
 class JsonlSinkConfig(BaseModel):
-    """``type: jsonl``: append one JSON line per result (and per error) to a file."""
+    """``type: jsonl``: one JSON line per result (and per error) in a file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,6 +48,10 @@ class JsonlSinkConfig(BaseModel):
     name: str = Field("jsonl", pattern=r"^[A-Za-z0-9_.-]+$")
     path: Path
     errors_path: Path | None = Field(None, description="errors to their own file (default: same file)")
+    mode: Literal["append", "overwrite"] = Field(
+        "append",
+        description="append: a restart continues the file; overwrite: emptied at start (this run only)",
+    )
     flush_bytes: int = Field(1024 * 1024, ge=1, description="flush early when this much is buffered")
     fsync: bool = Field(False, description="fsync after each flush (survives power loss, slower)")
 
@@ -200,20 +206,21 @@ class LineSink(SinkContextMixin):
 
 
 class JsonlSink(LineSink):
-    """Append results (and errors) as JSON Lines to ``config.path`` (see the module docstring)."""
+    """Results (and errors) as JSON Lines in ``config.path``, appended or from scratch (module docstring)."""
 
     def __init__(self, config: JsonlSinkConfig, *, telemetry: Telemetry | None = None) -> None:
         super().__init__(config.name, telemetry, config.flush_bytes, config.fsync)
         self.config = config
 
     def _open(self) -> dict[str, IO[bytes]]:
+        open_mode = "ab" if self.config.mode == "append" else "wb"
         self.config.path.parent.mkdir(parents=True, exist_ok=True)
-        results = self.config.path.open("ab")
+        results = self.config.path.open(open_mode)
         errors = results
         if self.config.errors_path is not None and self.config.errors_path != self.config.path:
             try:
                 self.config.errors_path.parent.mkdir(parents=True, exist_ok=True)
-                errors = self.config.errors_path.open("ab")
+                errors = self.config.errors_path.open(open_mode)
             except OSError:
                 results.close()
                 raise
