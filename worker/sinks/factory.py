@@ -9,6 +9,9 @@ A pipeline file lists its sinks::
         path: /var/lib/segstream/line-3.jsonl
       - type: stdout
         mode: summary
+      - type: http
+        url: https://mes.example.com/segstream/results
+        auth: {token_env: SEGSTREAM_WEBHOOK_TOKEN}
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from pydantic import Field
 from worker.errors import ConfigError
 from worker.mqtt import BrokerConfig
 from worker.sinks.base import Sink
+from worker.sinks.http import HttpSink, HttpSinkConfig
 from worker.sinks.lines import JsonlSink, JsonlSinkConfig, StdoutSink, StdoutSinkConfig
 from worker.sinks.mqtt import MqttSink, MqttSinkConfig
 from worker.telemetry import Telemetry
 
 __all__ = ["SINK_REGISTRY", "SinkConfig", "build_sink"]
 
-SinkConfig = Annotated[MqttSinkConfig | JsonlSinkConfig | StdoutSinkConfig, Field(discriminator="type")]
+SinkConfig = Annotated[
+    MqttSinkConfig | JsonlSinkConfig | StdoutSinkConfig | HttpSinkConfig, Field(discriminator="type")
+]
 
 SinkBuilder = Callable[..., Sink]
 
@@ -54,16 +60,23 @@ def _build_stdout(
     return StdoutSink(config, telemetry=telemetry)
 
 
+def _build_http(
+    config: HttpSinkConfig, *, pipeline: str, broker: BrokerConfig | None, telemetry: Telemetry | None
+) -> Sink:
+    return HttpSink(config, pipeline=pipeline, telemetry=telemetry)
+
+
 #: ``type`` -> builder; a new sink type is one config model in the union plus one entry here
 SINK_REGISTRY: dict[str, SinkBuilder] = {
     "mqtt": _build_mqtt,
     "jsonl": _build_jsonl,
     "stdout": _build_stdout,
+    "http": _build_http,
 }
 
 
 def build_sink(
-    config: MqttSinkConfig | JsonlSinkConfig | StdoutSinkConfig,
+    config: MqttSinkConfig | JsonlSinkConfig | StdoutSinkConfig | HttpSinkConfig,
     *,
     pipeline: str,
     broker: BrokerConfig | None,
