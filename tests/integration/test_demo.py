@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import cv2
@@ -19,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.integration.helpers import http_get, metric_value, parse_metrics
+from tests.support.messages import validate_line
 from worker.config import PipelineConfig, read_document
 from worker.runtime import Worker
 
@@ -80,7 +80,7 @@ async def test_the_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.Captu
     assert metric_value(final, "segstream_e2e_latency_seconds_count", source="belt") == CLIP_FRAMES
     assert metric_value(final, "segstream_model_seconds_count") >= CLIP_FRAMES / 4
 
-    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    lines = [validate_line(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [x["frame_number"] for x in lines] == list(range(CLIP_FRAMES))
     assert {x["model_id"] for x in lines} == {"factory-parts/1"}
     assert all(x["outputs"]["model_id"] == "factory-parts/1" for x in lines)

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     wait_for,
     write_video,
 )
+from tests.support.messages import validate_line
 from tests.support.mosquitto import MosquittoBroker
 from worker.mqtt import BrokerConfig, make_client
 from worker.runtime import Worker
@@ -122,5 +123,5 @@ async def test_metrics_and_probes_through_a_run(
     with pytest.raises(OSError):
         await _get(port, "/healthz")  # the server is gone
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
-    results = [json.loads(line) for line in lines if "outputs" in json.loads(line)]
+    results = [doc for doc in map(validate_line, lines) if "outputs" in doc]
     assert sorted(r["frame_number"] for r in results if r["source"] == "file") == list(range(30))

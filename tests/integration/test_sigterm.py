@@ -3,7 +3,6 @@ with ``/readyz`` turning 503 while it drains."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from tests.integration.helpers import http_get, make_models_dir, workflow_v4, write_video
+from tests.support.messages import validate_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -41,7 +41,7 @@ def _result_lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     lines = path.read_text().splitlines()
     if lines and not path.read_text().endswith("\n"):
         lines = lines[:-1]  # a line being written
-    return [doc for doc in map(json.loads, lines) if "outputs" in doc]
+    return [doc for doc in map(validate_line, lines) if "outputs" in doc]
 
 
 class ReadyzWatcher(threading.Thread):

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiomqtt
 
+from tests.support.messages import validate_received
 from tests.support.mosquitto import MosquittoBroker
 from worker.mqtt import BrokerConfig, make_client
 
@@ -45,7 +46,12 @@ class Received:
 
 @dataclass
 class Collector:
-    """Subscribe to ``topic`` with QoS 1 and keep every message; reconnects (persistent session)."""
+    """Subscribe to ``topic`` with QoS 1 and keep every message; reconnects (persistent session).
+
+    Every message on a topic segstream publishes to (``.../predictions``, ``/errors``, ``/status``,
+    ``/control/result``; ``tests.support.messages.kind_of_topic``) is validated against its JSON Schema;
+    a message that is not valid fails the ``async with`` block at its end, listed with its violations.
+    """
 
     broker: BrokerConfig
     topic: str
@@ -53,6 +59,7 @@ class Collector:
     persistent: bool = True
     messages: list[Received] = field(default_factory=list)
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    invalid: list[str] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
@@ -70,6 +77,10 @@ class Collector:
                     async for message in client.messages:
                         payload = message.payload
                         assert isinstance(payload, bytes)
+                        try:
+                            validate_received(str(message.topic), payload)
+                        except AssertionError as exc:
+                            self.invalid.append(f"{message.topic}: {exc}")
                         self.messages.append(
                             Received(str(message.topic), payload, message.qos, message.retain)
                         )
@@ -82,11 +93,13 @@ class Collector:
         await asyncio.wait_for(self.subscribed.wait(), timeout=20)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if exc_type is None:  # the block's own failure wins
+            assert not self.invalid, "messages that violate their schema:\n" + "\n".join(self.invalid)
 
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]

@@ -19,7 +19,7 @@ from tests.support.webhook import WebhookServer, self_signed_certificate
 from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult
 from worker.metrics import Metrics
-from worker.sinks import HttpSink, HttpSinkConfig, build_sink
+from worker.sinks import HttpSink, HttpSinkConfig
 from worker.telemetry import RecordingTelemetry
 
 TOKEN = "s3cret-t0ken-value"
@@ -231,15 +231,3 @@ async def test_bad_secrets_fail_at_start(tmp_path: Path, monkeypatch: pytest.Mon
 def test_config_errors_name_the_problem(doc: dict[str, Any], why: str) -> None:
     with pytest.raises(ValidationError, match=why):
         HttpSinkConfig.model_validate(doc)
-
-
-def test_the_factory_builds_an_http_sink_from_a_pipeline_entry() -> None:
-    from worker.config import PipelineConfig
-
-    sinks = PipelineConfig.model_fields["sinks"].annotation
-    assert sinks is not None
-    from pydantic import TypeAdapter
-
-    (entry,) = TypeAdapter(sinks).validate_python([{"type": "http", "url": "https://mes.example/hook"}])
-    sink = build_sink(entry, pipeline="p", broker=None, telemetry=None)
-    assert isinstance(sink, HttpSink) and sink.config.url == "https://mes.example/hook"

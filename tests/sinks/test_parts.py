@@ -16,6 +16,7 @@ from worker.messages import ErrorReport, FrameResult
 from worker.mqtt import BrokerConfig
 from worker.sinks import (
     SINK_REGISTRY,
+    HttpSink,
     JsonlSink,
     MemorySink,
     MqttSink,
@@ -99,13 +100,14 @@ def _result(n: int) -> FrameResult:
         ({"type": "mqtt"}, MqttSink),
         ({"type": "jsonl", "path": "out.jsonl"}, JsonlSink),
         ({"type": "stdout", "mode": "summary"}, StdoutSink),
+        ({"type": "http", "url": "https://mes.example/hook"}, HttpSink),
     ],
 )
 def test_build_sink_from_a_pipeline_entry(data: dict[str, object], cls: type) -> None:
     config = TypeAdapter(SinkConfig).validate_python(data)
     sink = build_sink(config, pipeline="p", broker=BrokerConfig(), telemetry=None)
     assert isinstance(sink, cls) and isinstance(sink, Sink)
-    assert set(SINK_REGISTRY) == {"mqtt", "jsonl", "stdout"}
+    assert set(SINK_REGISTRY) == {"mqtt", "jsonl", "stdout", "http"}
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,13 @@ from worker.schemas import MESSAGE_KINDS, shipped
 
 __all__ = ["kind_of_topic", "validate_line", "validate_message", "validate_received"]
 
-#: topic endings of the MQTT sink's and control listener's defaults (and the tests' own templates)
+#: endings of the topics segstream publishes to (the MQTT sink's and control listener's defaults, and
+#: the tests' own templates); the control topic itself carries what tests send, bad payloads included
 _TOPIC_KINDS = (
     ("/control/result", "control-result"),
     ("/predictions", "result"),
     ("/errors", "error"),
     ("/status", "status"),
-    ("/control", "control"),
 )
 
 
@@ -56,7 +56,7 @@ def validate_message(kind: str, payload: bytes | str | dict[str, Any]) -> dict[s
 
 
 def kind_of_topic(topic: str) -> str | None:
-    """The message kind published on ``topic``, or None for a topic segstream does not publish to."""
+    """The kind of message segstream publishes on ``topic``, or None (frames, control requests, ...)."""
     for ending, kind in _TOPIC_KINDS:
         if topic.endswith(ending):
             return kind
