@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the integration tests need: mosquitto (MQTT broker) and GStreamer's RTSP server
+# Debian packages the integration tests need: mosquitto (MQTT broker), mosquitto-clients (mosquitto_sub /
+# mosquitto_pub, for the README's MQTT example) and GStreamer's RTSP server
 # (run with the system Python, /usr/bin/python3, which can import Debian's `gi`).
 # Installs only what is missing; needs root (or sudo) and apt-get.
 set -euo pipefail
 
-pkgs=(mosquitto python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+pkgs=(mosquitto mosquitto-clients python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
       gstreamer1.0-plugins-ugly chromium)
 missing=()
 for p in "${pkgs[@]}"; do
