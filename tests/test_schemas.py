@@ -135,6 +135,7 @@ def test_every_message_validates_and_round_trips(kind: str, message: Any) -> Non
     payload = message.to_json()
     validate_message(kind, payload)
     assert type(message).model_validate_json(payload) == message
+    assert json.loads(payload) == message.to_dict()  # the two encodings agree
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Line sinks: JSON Lines files and stdout, one compact JSON object per line.
 
-Line format: the message's JSON (``FrameResult.to_dict()`` / ``ErrorReport.to_dict()``) with a ``"kind"``
+Line format: the message's JSON (``FrameResult.to_json()`` / ``ErrorReport.to_json()``) with a ``"kind"``
 field first, ``"result"`` or ``"error"``. The JSONL sink writes errors to the same file unless
 ``errors_path`` is set; with ``mode: append`` (the default) both files are opened in append mode (a
 restart continues the file), with ``mode: overwrite`` they are emptied when the sink starts (one line per
@@ -94,8 +94,9 @@ class LineSink(SinkContextMixin):
     def _open(self) -> dict[str, IO[bytes]]:
         raise NotImplementedError
 
-    def _encode_result(self, result: FrameResult) -> dict[str, Any]:
-        return result.to_dict()
+    def _encode_result(self, result: FrameResult) -> bytes:
+        """The result's line body: a compact JSON object."""
+        return result.to_json()
 
     async def start(self) -> None:
         """Open the output (in the sink's thread).
@@ -117,12 +118,13 @@ class LineSink(SinkContextMixin):
         await self._append(RESULTS, result.source_id, "result", self._encode_result(result))
 
     async def publish_error(self, report: ErrorReport) -> None:
-        await self._append(ERRORS, report.source_id, "error", report.to_dict())
+        await self._append(ERRORS, report.source_id, "error", report.to_json())
 
-    async def _append(self, stream: str, source: str, kind: str, body: dict[str, Any]) -> None:
+    async def _append(self, stream: str, source: str, kind: str, body: bytes) -> None:
+        """Buffer ``{"kind": kind, ...body}`` (``body``: a compact, non-empty JSON object) as one line."""
         if not self._started or self._closed:
             raise SinkError(f"sink[{self.name}] is not open")
-        line = json.dumps({"kind": kind, **body}, separators=(",", ":")).encode() + b"\n"
+        line = b'{"kind":"%s",%s\n' % (kind.encode(), body[1:])
         self._buffer.append((stream, source, kind, line))
         self._buffered_bytes += len(line)
         if self._buffered_bytes >= self._flush_bytes:
@@ -242,10 +244,10 @@ class StdoutSink(LineSink):
         stream = self._stream if self._stream is not None else sys.stdout.buffer
         return {RESULTS: stream, ERRORS: stream}  # not owned: never closed
 
-    def _encode_result(self, result: FrameResult) -> dict[str, Any]:
+    def _encode_result(self, result: FrameResult) -> bytes:
         if self.config.mode == "full":
-            return result.to_dict()
-        return {
+            return result.to_json()
+        summary = {
             "source": result.source_id,
             "frame_number": result.frame_number,
             "frame_id": result.frame_id,
@@ -253,6 +255,7 @@ class StdoutSink(LineSink):
             "detections": count_detections(result.outputs),
             "latency_ms": round((result.processed_at - result.timestamp) * 1000.0, 1),
         }
+        return json.dumps(summary, separators=(",", ":")).encode()
 
 
 def count_detections(outputs: dict[str, Any]) -> int:
