@@ -132,7 +132,20 @@ def _refs(schema: Any) -> list[str]:
     return found
 
 
-def _section(title: str, schema: dict[str, Any]) -> list[str]:
+def _described(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    """The field's description; for a section without one, the first line of that model's docstring."""
+    if prop.get("description"):
+        return str(prop["description"])
+    options = [prop, *prop.get("anyOf", ())]
+    refs = [_ref_name(option["$ref"]) for option in options if "$ref" in option]
+    if len(refs) == 1 and defs.get(refs[0], {}).get("description"):
+        return str(defs[refs[0]]["description"]).split("\n", 1)[0]
+    if "const" in prop:
+        return "selects this kind"
+    return ""
+
+
+def _section(title: str, schema: dict[str, Any], defs: dict[str, Any]) -> list[str]:
     lines = [f"## {title}", ""]
     description = schema.get("description")
     if description:
@@ -142,7 +155,7 @@ def _section(title: str, schema: dict[str, Any]) -> list[str]:
     for name, prop in schema.get("properties", {}).items():
         lines.append(
             f"| `{name}` | {_cell(_type(prop))} | {_cell(_default(name, prop, name in required))} "
-            f"| {_cell(prop.get('description', '').replace('``', '`'))} |"
+            f"| {_cell(_described(prop, defs).replace('``', '`'))} |"
         )
     return [*lines, ""]
 
@@ -150,7 +163,7 @@ def _section(title: str, schema: dict[str, Any]) -> list[str]:
 def pipeline_reference(schema: dict[str, Any]) -> str:
     """The Markdown page for a pipeline JSON Schema (``PipelineConfig.model_json_schema()``)."""
     defs: dict[str, Any] = schema.get("$defs", {})
-    lines = [_HEADER, *_section("PipelineConfig", schema)]
+    lines = [_HEADER, *_section("PipelineConfig", schema, defs)]
     order: list[str] = []
     queue = deque(_refs(schema.get("properties", {})))
     while queue:
@@ -160,5 +173,5 @@ def pipeline_reference(schema: dict[str, Any]) -> str:
         order.append(name)
         queue.extend(_refs(defs[name].get("properties", {})))
     for name in order:
-        lines += _section(name, defs[name])
+        lines += _section(name, defs[name], defs)
     return "\n".join(lines).rstrip() + "\n"
