@@ -108,6 +108,7 @@ class ControlListener:
         """Listen until cancelled, reconnecting with capped, jittered backoff."""
         backoff = Backoff(self.broker.reconnect_min_s, self.broker.reconnect_max_s)
         while True:
+            await asyncio.sleep(backoff.pace())  # the attempt-rate floor
             try:
                 async with make_client(
                     self.broker, identifier=f"{self.worker_id}-control", max_queued_incoming_messages=64

@@ -18,7 +18,6 @@ import logging
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
@@ -32,6 +31,7 @@ from worker.control import ControlListener
 from worker.errors import ConfigError, SegstreamError
 from worker.frame import Frame
 from worker.http_server import HealthState, HttpServer, build_app
+from worker.ids import make_worker_id
 from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport, FrameResult
 from worker.metrics import Metrics
@@ -42,7 +42,6 @@ from worker.recorder import AnnotatedVideoWriter, RunSummary
 from worker.sinks import Sink, build_sink
 from worker.sources import Source, build_source
 from worker.step.executor import BatchResult, WorkflowRunner
-from worker.step.workflow import load_workflow
 
 __all__ = ["Worker", "run_pipeline_file"]
 
@@ -69,9 +68,10 @@ class Worker:
     ) -> None:
         self.config = config
         self.name = config.name
-        prefix = config.broker.client_id if config.broker and config.broker.client_id else "segstream"
-        self.worker_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        self.workflow = load_workflow(config.workflow)
+        self.worker_id = make_worker_id(
+            config.name, prefix=config.broker.client_id if config.broker else None
+        )
+        self.workflow = config.workflow
         self._models_dir = models_dir or config.model.models_dir
         self.metrics = metrics or Metrics(
             config.name, version=__version__, sources=[s.id for s in config.sources]
@@ -148,7 +148,13 @@ class Worker:
                 self.health.heartbeat(on_lag=self.metrics.loop_lag), name="health.heartbeat"
             )
             self.sinks = [
-                build_sink(c, pipeline=self.name, broker=self.config.broker, telemetry=self.metrics)
+                build_sink(
+                    c,
+                    pipeline=self.name,
+                    broker=self.config.broker,
+                    telemetry=self.metrics,
+                    worker_id=self.worker_id,
+                )
                 for c in self.config.sinks
             ] + self._extra_sinks
             for sink in self.sinks:
@@ -167,6 +173,7 @@ class Worker:
                     pipeline=self.name,
                     broker=self.config.broker,
                     decode_pool=self._decode_pool,
+                    worker_id=self.worker_id,
                 )
                 self.queues.append(queue)
                 self.sources.append(source)

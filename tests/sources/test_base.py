@@ -1,39 +1,18 @@
-"""Backoff and the thread-to-loop hand-over (every_frame waits, latest never does)."""
+"""The thread-to-loop hand-over (every_frame waits, latest never does); Backoff: tests/test_retry.py."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 
 import numpy as np
-import pytest
 
 from tests.sources.conftest import wait_for
 from worker.frame import Frame
 from worker.queues import FrameQueue
-from worker.sources.base import Backoff, ThreadHandover
+from worker.sources.base import ThreadHandover
 from worker.telemetry import RecordingTelemetry
-
-
-@pytest.mark.parametrize(
-    ("minimum", "maximum", "ceilings"),
-    [(0.5, 4.0, [0.5, 1.0, 2.0, 4.0, 4.0]), (1.0, 1.0, [1.0, 1.0, 1.0]), (0.1, 0.25, [0.1, 0.2, 0.25])],
-)
-def test_backoff_ceilings_and_jitter(minimum: float, maximum: float, ceilings: list[float]) -> None:
-    backoff = Backoff(minimum, maximum, rng=random.Random(1))
-    for ceiling in ceilings:
-        assert minimum / 2 <= backoff.next_delay() <= ceiling
-    assert backoff.ceiling_for(10_000) == maximum
-    backoff.reset()
-    assert backoff.attempt == 0 and backoff.next_delay() <= minimum
-
-
-@pytest.mark.parametrize(("minimum", "maximum"), [(0.0, 1.0), (2.0, 1.0)])
-def test_backoff_rejects_bad_bounds(minimum: float, maximum: float) -> None:
-    with pytest.raises(ValueError):
-        Backoff(minimum, maximum)
 
 
 def frame(n: int) -> Frame:

@@ -14,13 +14,13 @@ the CLI can load a package folder directly with :meth:`ModelRegistry.load_path`.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from worker.errors import ModelError
+from worker.ids import model_id_problem, split_model_id
 from worker.models.onnx_backend import OnnxSegmentationModel
 from worker.models.package import WEIGHTS_FILE
 
@@ -35,8 +35,6 @@ __all__ = [
 
 MODELS_DIR_ENV = "SEGSTREAM_MODELS_DIR"
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "bundled_models"
-
-_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class InvalidModelIdError(ModelError, ValueError):
@@ -61,22 +59,10 @@ def validate_model_id(model_id: object) -> tuple[str, str]:
         >>> validate_model_id("factory-parts/1")
         ('factory-parts', '1')
     """
-    if not isinstance(model_id, str):
-        raise InvalidModelIdError(f"model_id must be a string, got {type(model_id).__name__}")
-    parts = model_id.split("/")
-    if len(parts) != 2 or not all(_ID_PART.fullmatch(part) for part in parts) or ".." in model_id:
-        raise InvalidModelIdError(
-            f"invalid model_id {model_id!r}: expected 'project/version' with parts of letters, digits, "
-            "'.', '_', '-' (starting with a letter or digit)",
-            model_id=model_id,
-        )
-    if parts[1].lower().endswith(".onnx"):
-        raise InvalidModelIdError(
-            f"invalid model_id {model_id!r}: a model_id names a package 'project/version', not an .onnx "
-            "file (load files with ModelRegistry.load_path / the CLI's model path option)",
-            model_id=model_id,
-        )
-    return parts[0], parts[1]
+    problem = model_id_problem(model_id)
+    if problem is not None:
+        raise InvalidModelIdError(problem, model_id=model_id if isinstance(model_id, str) else None)
+    return split_model_id(model_id)
 
 
 def default_models_dirs(cli_dir: Path | None = None) -> list[Path]:

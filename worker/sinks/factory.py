@@ -39,23 +39,38 @@ SinkBuilder = Callable[..., Sink]
 
 
 def _build_mqtt(
-    config: MqttSinkConfig, *, pipeline: str, broker: BrokerConfig | None, telemetry: Telemetry | None
+    config: MqttSinkConfig,
+    *,
+    pipeline: str,
+    broker: BrokerConfig | None,
+    telemetry: Telemetry | None,
+    worker_id: str | None = None,
 ) -> Sink:
     if broker is None:
         raise ConfigError(
             f"sink {config.name!r} (type mqtt) needs the pipeline's broker settings", field="broker"
         )
-    return MqttSink(config, pipeline=pipeline, broker=broker, telemetry=telemetry)
+    return MqttSink(config, pipeline=pipeline, broker=broker, telemetry=telemetry, worker_id=worker_id)
 
 
 def _build_jsonl(
-    config: JsonlSinkConfig, *, pipeline: str, broker: BrokerConfig | None, telemetry: Telemetry | None
+    config: JsonlSinkConfig,
+    *,
+    pipeline: str,
+    broker: BrokerConfig | None,
+    telemetry: Telemetry | None,
+    worker_id: str | None = None,
 ) -> Sink:
     return JsonlSink(config, telemetry=telemetry)
 
 
 def _build_stdout(
-    config: StdoutSinkConfig, *, pipeline: str, broker: BrokerConfig | None, telemetry: Telemetry | None
+    config: StdoutSinkConfig,
+    *,
+    pipeline: str,
+    broker: BrokerConfig | None,
+    telemetry: Telemetry | None,
+    worker_id: str | None = None,
 ) -> Sink:
     return StdoutSink(config, telemetry=telemetry)
 
@@ -81,8 +96,12 @@ def build_sink(
     pipeline: str,
     broker: BrokerConfig | None,
     telemetry: Telemetry | None,
+    worker_id: str | None = None,
 ) -> Sink:
     """Build the (not yet started) sink described by ``config``.
+
+    ``worker_id`` is the process's id (``worker.ids.make_worker_id``): MQTT sinks use it in their
+    client id and status; without it an MQTT sink makes its own.
 
     Raises:
         ConfigError: unknown sink type, or an MQTT sink without broker settings.
@@ -91,4 +110,4 @@ def build_sink(
         builder = SINK_REGISTRY[config.type]
     except KeyError:
         raise ConfigError(f"unknown sink type {config.type!r}", field="type") from None
-    return builder(config, pipeline=pipeline, broker=broker, telemetry=telemetry)
+    return builder(config, pipeline=pipeline, broker=broker, telemetry=telemetry, worker_id=worker_id)

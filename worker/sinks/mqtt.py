@@ -13,9 +13,14 @@ object, so paho never re-sends anything by itself: the outbox is the one source 
 Durability: the outbox lives in memory; it survives broker restarts and network outages (bounded by
 ``outbox_size``, oldest dropped first and counted), not a restart of the worker process.
 
-Connection loop: the ``async with client`` is wrapped in a loop with capped, jittered exponential backoff
-(``BrokerConfig.reconnect_min_s`` .. ``reconnect_max_s``), as in aiomqtt's ``docs/reconnection.md``; each
-new attempt counts ``reconnect("broker:sink")`` and ``broker_connected`` follows the state.
+Connection loop: the ``async with client`` is wrapped in a loop with the worker's one retry policy,
+:class:`worker.retry.Backoff` (full jitter between 0 and ``BrokerConfig.reconnect_min_s * 2**n``, capped at
+``reconnect_max_s``; at least ``DEFAULT_MIN_INTERVAL_S`` between two attempts), as in aiomqtt's
+``docs/reconnection.md``; each new attempt counts ``reconnect("broker:sink")`` and ``broker_connected``
+follows the state. The policy holds during shutdown too: ``close()`` cuts the current wait short once (one
+more attempt at once, still within the attempt-rate floor), after which the loop keeps backing off until
+``close()``'s timeout ends it; a broker that is down (or refuses the login) at shutdown gets a handful of
+attempts, not a flood.
 
 Status: on every connect the sink publishes a retained JSON ``{"status": "online", ...}`` to the status topic
 (default ``segstream/{pipeline}/status``); its Last Will is a retained ``{"status": "offline", "reason":
@@ -29,18 +34,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import random
 import time
-import uuid
 from typing import Any, Literal
 
 import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.errors import SinkError
+from worker.ids import client_id_for, make_worker_id
 from worker.messages import ErrorReport, FrameResult
 from worker.mqtt import BrokerConfig, make_client
+from worker.retry import Backoff
 from worker.sinks.base import DEFAULT_CLOSE_TIMEOUT_S, SinkContextMixin, TopicTemplate
 from worker.sinks.outbox import Outbox, OutgoingMessage
 from worker.telemetry import NullTelemetry, Telemetry
@@ -100,7 +104,9 @@ class MqttSink(SinkContextMixin):
         pipeline: the pipeline's name (``{pipeline}`` in topics, status payload).
         broker: broker address, credentials and TLS, shared with other MQTT users of the worker.
         telemetry: receives published/error counts, outbox depth, connection state, drops.
-        worker_id: this process's id in status messages and the MQTT client id (default: random).
+        worker_id: this process's id (``worker.ids.make_worker_id``) in status messages and the MQTT
+            client id; the runtime passes the one of the process (default: a new one).
+        backoff: the reconnect policy (default: ``Backoff(broker.reconnect_min_s, broker.reconnect_max_s)``).
     """
 
     def __init__(
@@ -111,14 +117,16 @@ class MqttSink(SinkContextMixin):
         broker: BrokerConfig,
         telemetry: Telemetry | None = None,
         worker_id: str | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.pipeline = pipeline
         self.broker = broker
         self.telemetry: Telemetry = telemetry or NullTelemetry()
-        self.worker_id = worker_id or f"{broker.client_id or 'segstream'}-{uuid.uuid4().hex[:8]}"
-        self.client_id = f"{self.worker_id}-{pipeline}-{config.name}"
+        self.worker_id = worker_id or make_worker_id(pipeline, prefix=broker.client_id)
+        self.client_id = client_id_for(self.worker_id, "sink", config.name)
+        self._backoff = backoff or Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
         self._topic = TopicTemplate(config.topic, RESULT_FIELDS)
         self._error_topic = TopicTemplate(config.error_topic, ERROR_FIELDS)
         self.status_topic = TopicTemplate(config.status_topic, STATUS_FIELDS).format(
@@ -282,12 +290,13 @@ class MqttSink(SinkContextMixin):
 
     async def _run(self) -> None:
         """Connect, publish until told to stop, reconnect with backoff after any broker error."""
-        attempt = 0
+        backoff = self._backoff
         outage_since: float | None = None
         while True:
             if self._stopping.is_set() and not self.outbox:
                 return  # nothing left to deliver; the Will already says offline if we were cut off
-            if attempt or outage_since is not None:
+            await asyncio.sleep(backoff.pace())  # the attempt-rate floor, whatever the state
+            if backoff.attempt or outage_since is not None:
                 self.telemetry.reconnect("broker:sink")
             try:
                 async with self._make_client() as client:
@@ -301,7 +310,8 @@ class MqttSink(SinkContextMixin):
                             time.monotonic() - outage_since,
                             len(self.outbox),
                         )
-                    attempt, outage_since = 0, None
+                    backoff.reset()
+                    outage_since = None
                     await self._session(client)
                     offline = self._status("offline", "shutdown")
                     await client.publish(self.status_topic, offline, qos=1, retain=True)
@@ -321,19 +331,23 @@ class MqttSink(SinkContextMixin):
                         len(self.outbox),
                     )
                 else:
-                    log.debug("sink[%s]: reconnect attempt %d failed: %s", self.name, attempt, error)
-            delay = self._backoff(attempt)
-            attempt += 1
-            try:  # a close() during the backoff tries once more at once, then gives up at its timeout
-                async with asyncio.timeout(delay):
-                    await self._stopping.wait()
-            except TimeoutError:
-                pass
+                    log.debug("sink[%s]: reconnect attempt %d failed: %s", self.name, backoff.attempt, error)
+            await self._back_off(backoff.next_delay())
 
-    def _backoff(self, attempt: int) -> float:
-        """Capped exponential backoff, jittered uniformly in [cap/2, cap]."""
-        cap = min(self.broker.reconnect_max_s, self.broker.reconnect_min_s * math.pow(2, min(attempt, 30)))
-        return random.uniform(cap / 2, cap)
+    async def _back_off(self, delay: float) -> None:
+        """Wait ``delay`` s; a ``close()`` arriving meanwhile ends this one wait early.
+
+        Once stopping, every wait is served in full: the outbox is retried at the policy's pace until
+        ``close()``'s timeout cancels the loop (no tight loop against a broker that is down).
+        """
+        if self._stopping.is_set():
+            await asyncio.sleep(delay)
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
 
     def _set_online(self, online: bool) -> None:
         if online == self._online.is_set():

@@ -1,4 +1,6 @@
-"""What every source shares: the ``Source`` interface, the error callback, backoff, thread hand-over.
+"""What every source shares: the ``Source`` interface, the error callback, thread hand-over.
+
+``Backoff`` lives in :mod:`worker.retry` (the one retry policy) and is re-exported here.
 
 A source produces ``Frame`` objects into one ``FrameQueue`` (built by the runtime from the source's
 ``policy`` and ``queue_size``). ``run`` goes on until cancelled or ``stop()``ped, or until a finite
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import Protocol, runtime_checkable
 from worker.frame import Frame
 from worker.messages import ErrorReport
 from worker.queues import FrameQueue, QueueClosed
+from worker.retry import Backoff
 from worker.telemetry import Telemetry
 
 __all__ = ["Backoff", "ErrorCallback", "Source", "ThreadHandover"]
@@ -47,45 +49,6 @@ class Source(Protocol):
     async def stop(self) -> None:
         """Ask ``run`` to finish: it returns soon after, with its thread joined and resources released."""
         ...
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
-
-    Args:
-        minimum: the first delay's upper bound, seconds (> 0).
-        maximum: the cap, seconds (>= minimum).
-        rng: random source (tests pass a seeded one).
-
-    Example:
-        >>> b = Backoff(0.5, 4.0, rng=random.Random(0))
-        >>> [b.ceiling_for(i) for i in range(5)]
-        [0.5, 1.0, 2.0, 4.0, 4.0]
-    """
-
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
-        if minimum <= 0:
-            raise ValueError(f"minimum must be > 0, got {minimum}")
-        if maximum < minimum:
-            raise ValueError(f"maximum ({maximum}) must be >= minimum ({minimum})")
-        self.minimum = minimum
-        self.maximum = maximum
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def ceiling_for(self, attempt: int) -> float:
-        """The largest delay of attempt ``attempt`` (0-based)."""
-        return min(self.maximum, self.minimum * 2.0 ** min(attempt, 62))
-
-    def next_delay(self) -> float:
-        """The delay before the next retry: uniform in ``[minimum/2, ceiling]``; advances the attempt."""
-        ceiling = self.ceiling_for(self.attempt)
-        self.attempt += 1
-        return self._rng.uniform(min(self.minimum / 2.0, ceiling), ceiling)
-
-    def reset(self) -> None:
-        """Back to the shortest delay (call after a success)."""
-        self.attempt = 0
 
 
 class ThreadHandover:

@@ -49,6 +49,7 @@ def _mqtt(config: Any, deps: dict[str, Any]) -> Source:
         on_error=deps["on_error"],
         pipeline=deps["pipeline"],
         decode_pool=deps["decode_pool"],
+        worker_id=deps["worker_id"],
     )
 
 
@@ -75,6 +76,7 @@ def build_source(
     pipeline: str = "",
     broker: BrokerConfig | None = None,
     decode_pool: BlockingPool | None = None,
+    worker_id: str | None = None,
 ) -> Source:
     """Make the source object for ``config``.
 
@@ -85,6 +87,7 @@ def build_source(
         pipeline: the pipeline name, copied into error reports.
         broker: the pipeline's broker (required by ``mqtt`` sources).
         decode_pool: a shared pool for decoding MQTT payloads (else each MQTT source makes its own).
+        worker_id: the process's id (``worker.ids``), the base of MQTT sources' client ids.
 
     Raises:
         ConfigError: an unknown type, or an ``mqtt`` source without a broker.
@@ -101,5 +104,6 @@ def build_source(
         "pipeline": pipeline,
         "broker": broker,
         "decode_pool": decode_pool,
+        "worker_id": worker_id,
     }
     return builder(config, deps)

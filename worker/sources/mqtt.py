@@ -52,7 +52,6 @@ import asyncio
 import collections
 import hashlib
 import logging
-import socket
 import time
 from typing import Any, Literal
 
@@ -65,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from worker.concurrency import BlockingPool
 from worker.errors import FrameDecodeError
 from worker.frame import Frame
+from worker.ids import client_id_for, make_worker_id
 from worker.messages import ErrorReport
 from worker.mqtt import BrokerConfig, make_client
 from worker.queues import FramePolicy, FrameQueue, QueueClosed
@@ -110,7 +110,7 @@ class MqttSourceConfig(BaseModel):
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=MAX_PAYLOAD_BYTES_LIMIT)
     max_image_pixels: int = Field(40_000_000, ge=1, le=500_000_000)
     client_id: str | None = Field(
-        None, min_length=1, max_length=128, description="default: <broker prefix>-<id>-<hostname>"
+        None, min_length=1, max_length=128, description="default: <worker id>-source-<id> (worker.ids)"
     )
     session_expiry_s: int = Field(600, ge=0, le=7 * 24 * 3600)
     receive_maximum: int = Field(16, ge=1, le=1024, description="unacknowledged QoS 1 frames in flight")
@@ -227,6 +227,7 @@ class MqttSource:
         on_error: ErrorCallback | None = None,
         pipeline: str = "",
         decode_pool: BlockingPool | None = None,
+        worker_id: str | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -238,10 +239,9 @@ class MqttSource:
         self._frame_number = 0
         self._recent = _RecentMessages(4 * config.receive_maximum)
         self._stop_requested = asyncio.Event()
-        self.client_id = (
-            config.client_id
-            or (f"{broker.client_id or 'segstream'}-{config.id}-{socket.gethostname()}"[:128])
-        )
+        # worker.ids: the process's worker id (unique per process unless the user fixes it) + the role
+        worker = worker_id or make_worker_id(pipeline or "segstream", prefix=broker.client_id)
+        self.client_id = config.client_id or client_id_for(worker, "source", config.id)
 
     @property
     def source_id(self) -> str:
@@ -271,6 +271,9 @@ class MqttSource:
         stop_wait = asyncio.ensure_future(self._stop_requested.wait())
         try:
             while not self._stop_requested.is_set():
+                await asyncio.wait({stop_wait}, timeout=backoff.pace())  # the attempt-rate floor
+                if stop_wait.done():
+                    return
                 session = asyncio.ensure_future(self._session(queue, backoff))
                 session.set_name(f"source[{self.source_id}].mqtt")
                 done, _ = await asyncio.wait({session, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

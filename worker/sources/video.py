@@ -258,7 +258,7 @@ class VideoSource:
                 ctx.report("source_unavailable", f"{what} {self._safe_url()}; retrying with backoff")
                 outage_reported = True
             self.telemetry.reconnect(f"source:{self.source_id}")
-            if ctx.wait(backoff.next_delay()):
+            if ctx.wait(backoff.next_delay()) or ctx.wait(backoff.pace()):  # pace: the attempt-rate floor
                 return
 
     def _read_pass(self, ctx: ReaderContext, cap: cv2.VideoCapture) -> tuple[str, int]:

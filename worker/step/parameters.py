@@ -33,6 +33,7 @@ from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 from worker.errors import ParameterError
+from worker.ids import model_id_problem
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
@@ -49,8 +50,6 @@ __all__ = [
 
 #: ``$inputs.<name>``: the only selector a step parameter may hold.
 INPUT_SELECTOR_RE: Final = re.compile(r"\$inputs\.([^.\s$]+)")
-#: ``"project/version"``; each part starts with a letter or digit, so ``..`` can never reach a path.
-MODEL_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 #: Threshold of ``confidence_mode: default`` (the reference block's fixed default).
 DEFAULT_CONFIDENCE: Final = 0.4
 
@@ -73,12 +72,9 @@ def input_selector_name(value: object) -> str | None:
 
 
 def _check_model_id(value: str) -> str:
-    if not MODEL_ID_RE.fullmatch(value):
-        raise PydanticCustomError(
-            "model_id_format",
-            "model_id must look like 'project/version' (letters, digits, '.', '_', '-')",
-            {"value": value},
-        )
+    problem = model_id_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("model_id_format", "{problem}", {"problem": problem, "value": value})
     return value
 
 
