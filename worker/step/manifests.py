@@ -2,7 +2,8 @@
 
 A step definition written for the reference Workflows block loads here unchanged: same type
 identifiers (v1 also answers to ``RoboflowInstanceSegmentationModel`` and
-``InstanceSegmentationModel``), same fields per version, same defaults, ``images`` with the alias
+``InstanceSegmentationModel``), same fields per version, same defaults (the one table,
+:data:`worker.step.defaults.STEP_DEFAULTS`), ``images`` with the alias
 ``image``. Every parameter field holds a literal or a selector ``$inputs.<name>``; literals are checked
 at load time with the same rules that check a selector's value per frame
 (:data:`worker.step.parameters.PARAMETER_TYPES`). Unknown fields are refused (``extra="forbid"``).
@@ -39,13 +40,8 @@ from pydantic import (
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError, core_schema
 
 from worker.errors import ConfigError
-from worker.step.parameters import (
-    INPUT_SELECTOR_RE,
-    PARAMETER_TYPES,
-    ConfidenceMode,
-    MaskDecodeMode,
-    StepResolver,
-)
+from worker.step.defaults import STEP_DEFAULTS, ConfidenceMode, MaskDecodeMode
+from worker.step.parameters import INPUT_SELECTOR_RE, PARAMETER_TYPES, StepResolver
 
 __all__ = [
     "STEP_CLASSES",
@@ -150,15 +146,23 @@ class InstanceSegmentationStep(BaseModel):
         ),
     ]
     model_id: Annotated[str, _ref("model_id"), Field(description="'project/version' or a selector.")]
-    class_filter: Annotated[list[str] | str | None, _ref("class_filter")] = None
-    iou_threshold: Annotated[float | str, _ref("iou_threshold")] = 0.3
-    max_detections: Annotated[int | str, _ref("max_detections")] = 300
-    class_agnostic_nms: Annotated[bool | str, _ref("class_agnostic_nms")] = False
-    max_candidates: Annotated[int | str, _ref("max_candidates")] = 3000
-    mask_decode_mode: Annotated[MaskDecodeMode | str, _ref("mask_decode_mode")] = "accurate"
-    tradeoff_factor: Annotated[float | str, _ref("tradeoff_factor")] = 0.0
-    disable_active_learning: Annotated[bool | str, _ref("disable_active_learning")] = True
-    active_learning_target_dataset: Annotated[str | None, _ref("active_learning_target_dataset")] = None
+    class_filter: Annotated[list[str] | str | None, _ref("class_filter")] = STEP_DEFAULTS["class_filter"]
+    iou_threshold: Annotated[float | str, _ref("iou_threshold")] = STEP_DEFAULTS["iou_threshold"]
+    max_detections: Annotated[int | str, _ref("max_detections")] = STEP_DEFAULTS["max_detections"]
+    class_agnostic_nms: Annotated[bool | str, _ref("class_agnostic_nms")] = STEP_DEFAULTS[
+        "class_agnostic_nms"
+    ]
+    max_candidates: Annotated[int | str, _ref("max_candidates")] = STEP_DEFAULTS["max_candidates"]
+    mask_decode_mode: Annotated[MaskDecodeMode | str, _ref("mask_decode_mode")] = STEP_DEFAULTS[
+        "mask_decode_mode"
+    ]
+    tradeoff_factor: Annotated[float | str, _ref("tradeoff_factor")] = STEP_DEFAULTS["tradeoff_factor"]
+    disable_active_learning: Annotated[bool | str, _ref("disable_active_learning")] = STEP_DEFAULTS[
+        "disable_active_learning"
+    ]
+    active_learning_target_dataset: Annotated[str | None, _ref("active_learning_target_dataset")] = (
+        STEP_DEFAULTS["active_learning_target_dataset"]
+    )
 
     _resolver: StepResolver = PrivateAttr()
 
@@ -204,15 +208,19 @@ class InstanceSegmentationStep(BaseModel):
 
 
 class _ThresholdV1V2(InstanceSegmentationStep):
-    confidence: Annotated[float | str, _ref("confidence")] = 0.4
+    confidence: Annotated[float | str, _ref("confidence")] = STEP_DEFAULTS["confidence"]
     enforce_dense_masks_in_inference_models: Annotated[
         bool | str, _ref("enforce_dense_masks_in_inference_models")
-    ] = True
+    ] = STEP_DEFAULTS["enforce_dense_masks_in_inference_models"]
 
 
 class _ConfidenceModeV3V4(InstanceSegmentationStep):
-    confidence_mode: Annotated[ConfidenceMode | str, _ref("confidence_mode")] = "best"
-    custom_confidence: Annotated[float | str | None, _ref("custom_confidence")] = 0.4
+    confidence_mode: Annotated[ConfidenceMode | str, _ref("confidence_mode")] = STEP_DEFAULTS[
+        "confidence_mode"
+    ]
+    custom_confidence: Annotated[float | str | None, _ref("custom_confidence")] = STEP_DEFAULTS[
+        "custom_confidence"
+    ]
 
     def _check_fields(self) -> None:
         if self.confidence_mode == "custom" and self.custom_confidence is None:
@@ -247,7 +255,7 @@ class InstanceSegmentationV3(_ConfidenceModeV3V4):
     type: Literal["roboflow_core/roboflow_instance_segmentation_model@v3"]
     enforce_dense_masks_in_inference_models: Annotated[
         bool | str, _ref("enforce_dense_masks_in_inference_models")
-    ] = True
+    ] = STEP_DEFAULTS["enforce_dense_masks_in_inference_models"]
 
 
 class InstanceSegmentationV4(_ConfidenceModeV3V4):

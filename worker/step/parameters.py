@@ -27,13 +27,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Protocol
 
 from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 from worker.errors import ParameterError
 from worker.ids import model_id_problem
+from worker.step.defaults import DEFAULT_CONFIDENCE, STEP_DEFAULTS, ConfidenceMode, MaskDecodeMode
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
@@ -50,11 +51,6 @@ __all__ = [
 
 #: ``$inputs.<name>``: the only selector a step parameter may hold.
 INPUT_SELECTOR_RE: Final = re.compile(r"\$inputs\.([^.\s$]+)")
-#: Threshold of ``confidence_mode: default`` (the reference block's fixed default).
-DEFAULT_CONFIDENCE: Final = 0.4
-
-ConfidenceMode = Literal["best", "default", "custom"]
-MaskDecodeMode = Literal["accurate", "tradeoff", "fast"]
 
 
 def input_selector_name(value: object) -> str | None:
@@ -291,12 +287,13 @@ class StepResolver:
         return self._build(values, origin)
 
     def _build(self, values: Mapping[str, Any], origin: Mapping[str, str]) -> ResolvedStepParameters:
+        values = {**STEP_DEFAULTS, **values}  # a field the definition left out takes the one default
         if self.version <= 2:
             mode: ConfidenceMode = "custom"
-            confidence: float | None = values.get("confidence", 0.4)
+            confidence: float | None = values["confidence"]
         else:
-            mode = values.get("confidence_mode", "best")
-            custom = values.get("custom_confidence", 0.4)
+            mode = values["confidence_mode"]
+            custom = values["custom_confidence"]
             if mode == "custom" and custom is None:
                 blame = "custom_confidence" if "custom_confidence" in origin else "confidence_mode"
                 source = f" (from $inputs.{origin[blame]})" if blame in origin else ""
@@ -308,8 +305,8 @@ class StepResolver:
                 )
             confidence = {"custom": custom, "default": DEFAULT_CONFIDENCE, "best": None}[mode]
         model_id: str = values["model_id"]
-        class_filter = values.get("class_filter")
-        dataset = values.get("active_learning_target_dataset") or model_id.split("/", 1)[0]
+        class_filter = values["class_filter"]
+        dataset = values["active_learning_target_dataset"] or model_id.split("/", 1)[0]
         return ResolvedStepParameters(
             step_name=self.step_name,
             version=self.version,
@@ -317,17 +314,15 @@ class StepResolver:
             confidence_mode=mode,
             confidence=None if confidence is None else float(confidence),
             class_filter=None if class_filter is None else tuple(class_filter),
-            iou_threshold=float(values.get("iou_threshold", 0.3)),
-            max_detections=values.get("max_detections", 300),
-            class_agnostic_nms=values.get("class_agnostic_nms", False),
-            max_candidates=values.get("max_candidates", 3000),
-            mask_decode_mode=values.get("mask_decode_mode", "accurate"),
-            tradeoff_factor=float(values.get("tradeoff_factor", 0.0)),
-            disable_active_learning=values.get("disable_active_learning", True),
+            iou_threshold=float(values["iou_threshold"]),
+            max_detections=values["max_detections"],
+            class_agnostic_nms=values["class_agnostic_nms"],
+            max_candidates=values["max_candidates"],
+            mask_decode_mode=values["mask_decode_mode"],
+            tradeoff_factor=float(values["tradeoff_factor"]),
+            disable_active_learning=values["disable_active_learning"],
             active_learning_target_dataset=dataset,
-            enforce_dense_masks_in_inference_models=values.get(
-                "enforce_dense_masks_in_inference_models", True
-            ),
+            enforce_dense_masks_in_inference_models=values["enforce_dense_masks_in_inference_models"],
             rle_masks=self.version == 4,
         )
 

@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from worker.step.defaults import MASK_DECODE_MODES, STEP_DEFAULTS, MaskDecodeMode
 from worker.step.detections import Detections, MaskCrops
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
     "postprocess_frame",
 ]
 
-MaskDecodeMode = Literal["accurate", "tradeoff", "fast"]
 FloatArray = npt.NDArray[np.float32]
 
 
@@ -95,14 +95,14 @@ class PostprocessParams:
         ValueError: a value is out of range.
     """
 
-    confidence: float | npt.NDArray[np.float32] = 0.4
+    confidence: float | npt.NDArray[np.float32] = STEP_DEFAULTS["confidence"]
     class_ids: npt.NDArray[np.int64] | None = None
-    iou_threshold: float = 0.3
-    max_detections: int = 300
-    class_agnostic_nms: bool = False
-    max_candidates: int = 3000
-    mask_decode_mode: MaskDecodeMode = "accurate"
-    tradeoff_factor: float = 0.0
+    iou_threshold: float = STEP_DEFAULTS["iou_threshold"]
+    max_detections: int = STEP_DEFAULTS["max_detections"]
+    class_agnostic_nms: bool = STEP_DEFAULTS["class_agnostic_nms"]
+    max_candidates: int = STEP_DEFAULTS["max_candidates"]
+    mask_decode_mode: MaskDecodeMode = STEP_DEFAULTS["mask_decode_mode"]
+    tradeoff_factor: float = STEP_DEFAULTS["tradeoff_factor"]
 
     def __post_init__(self) -> None:
         conf = np.asarray(self.confidence, dtype=np.float32)
@@ -112,7 +112,7 @@ class PostprocessParams:
             raise ValueError(f"iou_threshold must be in [0, 1], got {self.iou_threshold}")
         if self.max_detections < 1 or self.max_candidates < 1:
             raise ValueError(f"max_detections and max_candidates must be > 0, got {self}")
-        if self.mask_decode_mode not in ("accurate", "tradeoff", "fast"):
+        if self.mask_decode_mode not in MASK_DECODE_MODES:
             raise ValueError(
                 f"mask_decode_mode must be accurate/tradeoff/fast, got {self.mask_decode_mode!r}"
             )
@@ -299,7 +299,7 @@ def decode_masks(
     prototypes: FloatArray,
     xyxy_frame: FloatArray,
     letterbox: LetterboxLike,
-    mode: MaskDecodeMode = "accurate",
+    mode: MaskDecodeMode = STEP_DEFAULTS["mask_decode_mode"],
     tradeoff_factor: float = 0.0,
 ) -> MaskCrops:
     """Decode instance masks on each box's crop.
@@ -318,7 +318,7 @@ def decode_masks(
     Raises:
         ValueError: unknown mode.
     """
-    if mode not in ("accurate", "tradeoff", "fast"):
+    if mode not in MASK_DECODE_MODES:
         raise ValueError(f"mask_decode_mode must be accurate/tradeoff/fast, got {mode!r}")
     m, ph, pw = prototypes.shape
     height, width = letterbox.orig_size
