@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from tests.integration.helpers import workflow_v4
 from worker.concurrency import BlockingPool, limit_blas_threads, run_in_pool
 from worker.config import PipelineConfig
 
@@ -46,7 +47,7 @@ def test_pipeline_default_is_one_blas_thread() -> None:
             "name": "p",
             "sources": [{"type": "video", "id": "cam", "url": "clip.mp4"}],
             "sinks": [{"type": "stdout"}],
-            "workflow": {"version": "1.0", "inputs": [], "steps": [], "outputs": []},
+            "workflow": workflow_v4(),
         }
     )
     assert config.blas_threads == 1

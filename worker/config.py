@@ -1,27 +1,27 @@
 """The pipeline file: sources, batching, the workflow, sinks, broker, HTTP, models.
 
-Loaded from YAML (or JSON) and validated with pydantic at start-up; an invalid file stops the worker
-with an error that names the field. Secrets never sit in the file: the broker password comes from
-``$SEGSTREAM_MQTT_PASSWORD`` (or the variable / file the ``broker`` section names). ``${VAR}`` and
-``${VAR:-default}`` in the file are replaced from the environment before validation, so one file serves
-several deployments; ``${SEGSTREAM_ASSETS}`` is the package's bundled assets folder (the demo clip).
+Read by :func:`worker.documents.read_document` (the loader workflow files share: size limit, ``${VAR}``
+and ``${VAR:-default}`` replaced from the environment before validation so one file serves several
+deployments, ``${SEGSTREAM_ASSETS}`` the package's bundled assets folder, duplicate keys refused with
+their lines) and validated with pydantic in one pass, the ``workflow`` section included (it is a
+:class:`~worker.step.workflow.WorkflowDefinition`); an invalid file stops the worker with one error
+that names the step and the field (:func:`worker.documents.describe`). Secrets never sit in the file:
+the broker password comes from ``$SEGSTREAM_MQTT_PASSWORD`` (or the variable / file the ``broker``
+section names).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from worker.errors import ConfigError
+from worker.documents import config_error, read_document
 from worker.mqtt import BrokerConfig
 from worker.sinks import SinkConfig
 from worker.sources import SourceConfig
+from worker.step.workflow import WorkflowDefinition
 
 __all__ = [
     "AnnotatedVideoConfig",
@@ -34,9 +34,6 @@ __all__ = [
     "looks_like_pipeline",
     "read_document",
 ]
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-MAX_CONFIG_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -111,7 +108,7 @@ class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     sources: list[SourceConfig] = Field(min_length=1)
     batching: BatchingConfig = BatchingConfig()
-    workflow: dict[str, Any]
+    workflow: WorkflowDefinition
     sinks: list[SinkConfig] = Field(min_length=1)
     broker: BrokerConfig | None = None
     control: ControlConfig = ControlConfig()
@@ -141,74 +138,22 @@ class PipelineConfig(_Strict):
         return sources
 
 
-#: variables the worker defines itself (unless the environment sets them)
-BUILTIN_VARIABLES = {"SEGSTREAM_ASSETS": str(Path(__file__).resolve().parent / "assets")}
-
-
-def _expand_env(text: str) -> str:
-    def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        value = os.environ.get(name, BUILTIN_VARIABLES.get(name))
-        if value is None:
-            if default is None:
-                raise ConfigError(f"environment variable {name} is not set (referenced as ${{{name}}})")
-            return default
-        return value
-
-    return _ENV_REF.sub(repl, text)
-
-
-def _read_document(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-    text = _expand_env(path.read_text())
-    try:
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
-        ) from exc
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(doc).__name__}")
-    return doc
-
-
 def looks_like_pipeline(doc: dict[str, Any]) -> bool:
     """A pipeline file has ``sources``/``sinks``/``workflow``; a bare workflow has ``steps``."""
     return "workflow" in doc or "sources" in doc
 
 
-def _format_validation_error(exc: ValidationError, where: str) -> str:
-    lines = [f"invalid {where}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
-
-
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline file (YAML or JSON); the workflow is checked by the caller.
+    """Read and validate a pipeline file (YAML or JSON), its workflow included.
 
     Raises:
-        ConfigError: unreadable file, bad syntax, a missing environment variable, or a field that fails
-            validation (the message names the field's path, e.g. ``sources.0.url``).
+        ConfigError: unreadable file, bad syntax, a duplicate key, a missing environment variable, or
+            a field that fails validation; ``.field`` names the first one's path (``sources[0].url``),
+            and ``.step`` its step for a problem inside the workflow's steps.
     """
     p = Path(path)
-    doc = _read_document(p)
+    doc = read_document(p)
     try:
         return PipelineConfig.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(
-            _format_validation_error(exc, f"pipeline file {p}"),
-            field=".".join(str(x) for x in first["loc"]),
-        ) from exc
-
-
-def read_document(path: str | Path) -> dict[str, Any]:
-    """Read a YAML/JSON document with ``${VAR}`` expansion and a size limit."""
-    return _read_document(Path(path))
+        raise config_error(exc, doc, f"pipeline file {p}") from exc

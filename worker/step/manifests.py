@@ -35,11 +35,13 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError, core_schema
 
-from worker.errors import ConfigError
+from worker.documents import config_error, problem_details
 from worker.step.defaults import STEP_DEFAULTS, ConfidenceMode, MaskDecodeMode
 from worker.step.parameters import INPUT_SELECTOR_RE, PARAMETER_TYPES, StepResolver
 
@@ -48,6 +50,7 @@ __all__ = [
     "STEP_OUTPUTS",
     "STEP_TAGS",
     "STEP_TYPES",
+    "ExplainedStep",
     "InstanceSegmentationStep",
     "InstanceSegmentationV1",
     "InstanceSegmentationV2",
@@ -362,6 +365,20 @@ def step_errors(errors: Iterable[ErrorDetails], raw: Any) -> list[tuple[str | No
     return result
 
 
+def _explained(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Validate one step; its errors become problems named by the step and the field."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        found = step_errors(exc.errors(), value)
+        details = [problem_details(step, field, message, value=value) for step, field, message in found]
+        raise ValidationError.from_exception_data("step", details) from None
+
+
+#: A step definition whose errors name the step and the field (:func:`worker.documents.problems`).
+ExplainedStep = Annotated[StepDefinition, WrapValidator(_explained)]
+
+
 def parse_step(data: Mapping[str, Any]) -> InstanceSegmentationStep:
     """Load one step definition, of any version.
 
@@ -378,10 +395,7 @@ def parse_step(data: Mapping[str, Any]) -> InstanceSegmentationStep:
     try:
         return _STEP_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        errors = step_errors(exc.errors(), data)
-        step, field, _ = errors[0]
-        detail = "; ".join(f"field {f!r}: {m}" for _, f, m in errors)
-        raise ConfigError(f"step {step!r}: {detail}", step=step, field=field) from None
+        raise config_error(exc, data, "step") from None
 
 
-_STEP_ADAPTER: Final[TypeAdapter[InstanceSegmentationStep]] = TypeAdapter(StepDefinition)
+_STEP_ADAPTER: Final[TypeAdapter[InstanceSegmentationStep]] = TypeAdapter(ExplainedStep)

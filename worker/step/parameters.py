@@ -32,6 +32,7 @@ from typing import Annotated, Any, Final, Protocol
 from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
+from worker.documents import describe
 from worker.errors import ParameterError
 from worker.ids import model_id_problem
 from worker.step.defaults import DEFAULT_CONFIDENCE, STEP_DEFAULTS, ConfidenceMode, MaskDecodeMode
@@ -44,7 +45,6 @@ __all__ = [
     "MaskDecodeMode",
     "ResolvedStepParameters",
     "StepResolver",
-    "describe_validation_error",
     "input_selector_name",
     "resolve_step_parameters",
 ]
@@ -109,29 +109,6 @@ PARAMETER_TYPES: Final[Mapping[str, Any]] = {
 _ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     name: TypeAdapter(annotation) for name, annotation in PARAMETER_TYPES.items()
 }
-
-
-def describe_validation_error(exc: ValidationError, *, limit: int = 3) -> str:
-    """One readable line from a pydantic error: each message with the rejected value.
-
-    Args:
-        exc: the error.
-        limit: at most this many errors are described; the rest are counted.
-
-    Returns:
-        e.g. ``"Input should be 'best', 'default' or 'custom' (got '<x>')"``.
-    """
-    parts = []
-    for error in exc.errors()[:limit]:
-        sub = ".".join(str(part) for part in error["loc"])
-        where = f"[{sub}] " if sub else ""
-        value = repr(error["input"])
-        if len(value) > 80:
-            value = value[:77] + "..."
-        parts.append(f"{where}{error['msg']} (got {value})")
-    if exc.error_count() > limit:
-        parts.append(f"and {exc.error_count() - limit} more")
-    return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +207,7 @@ class StepResolver:
         except ValidationError as exc:
             raise ParameterError(
                 f"step {self.step_name!r}: field {field!r} bound to $inputs.{input_name}: "
-                f"{describe_validation_error(exc)}",
+                f"{describe(exc, value, limit=3)}",
                 step=self.step_name,
                 field=field,
             ) from None
@@ -246,7 +223,7 @@ class StepResolver:
         try:
             _ADAPTERS[field].validate_python(value)
         except ValidationError as exc:
-            return describe_validation_error(exc)
+            return describe(exc, value, limit=3)
         return None
 
     def resolve(

@@ -23,14 +23,12 @@ checks new input values with :func:`validate_runtime_inputs`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,13 +41,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.documents import config_error, parse_document, read_document
 from worker.errors import ConfigError, ParameterError
 from worker.step.manifests import (
-    STEP_TAGS,
+    ExplainedStep,
     InstanceSegmentationStep,
-    StepDefinition,
     serializes_rle,
-    step_errors,
     step_outputs,
 )
 from worker.step.parameters import ResolvedStepParameters, resolve_step_parameters
@@ -142,7 +139,6 @@ WorkflowInput = Annotated[
         "WorkflowParameter (InferenceParameter), WorkflowVideoMetadata",
     ),
 ]
-_INPUT_TAGS: Final = frozenset({"image", "parameter", "video_metadata"})
 
 
 def _check_output_selector(value: Any) -> str:
@@ -182,7 +178,7 @@ class WorkflowDefinition(_Strict):
 
     version: str = "1.0"
     inputs: list[WorkflowInput]
-    steps: Annotated[list[StepDefinition], Field(min_length=1)]
+    steps: Annotated[list[ExplainedStep], Field(min_length=1)]
     outputs: Annotated[list[JsonField], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -287,29 +283,6 @@ class WorkflowDefinition(_Strict):
         raise KeyError(name)
 
 
-def _config_error(exc: ValidationError, raw: Any) -> ConfigError:
-    """One :class:`ConfigError` for every error of validating ``raw`` as a workflow."""
-    found: list[tuple[str | None, str, str]] = []
-    raw_steps = raw.get("steps") if isinstance(raw, Mapping) else None
-    for error in exc.errors():
-        loc = error["loc"]
-        if error["type"] == "workflow_reference":
-            ctx = error.get("ctx") or {}
-            found.append((ctx.get("step"), str(ctx.get("field")), str(error["msg"])))
-        elif len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-            raw_step = raw_steps[loc[1]] if isinstance(raw_steps, list) else None
-            found.extend(step_errors([{**error, "loc": loc[2:]}], raw_step))
-        else:
-            parts = [p for p in loc if not (isinstance(p, str) and (p in _INPUT_TAGS or p in STEP_TAGS))]
-            field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
-            value = repr(error["input"])
-            value = value[:77] + "..." if len(value) > 80 else value
-            found.append((None, field or "<workflow>", f"{error['msg']} (got {value})"))
-    step, field, _ = found[0]
-    detail = "; ".join((f"step {s!r} " if s is not None else "") + f"field {f!r}: {m}" for s, f, m in found)
-    return ConfigError(f"invalid workflow: {detail}", step=step, field=field)
-
-
 def validate_workflow(data: Any) -> WorkflowDefinition:
     """Validate an already parsed definition (a mapping).
 
@@ -321,47 +294,20 @@ def validate_workflow(data: Any) -> WorkflowDefinition:
     try:
         return WorkflowDefinition.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, data) from None
+        raise config_error(exc, data, "workflow") from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys (a silent override hides a typo)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
-        duplicates = {key for key in keys if keys.count(key) > 1}
-        if duplicates:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key(s) {sorted(map(str, duplicates))}", node.start_mark
-            )
-        return super().construct_mapping(node, deep=deep)
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate key(s) {duplicates}")
-    return dict(pairs)
-
-
-def _parse_text(text: str, *, yaml_syntax: bool, origin: str) -> Any:
-    try:
-        if yaml_syntax:
-            return yaml.load(text, Loader=_UniqueKeyLoader)
-        return json.loads(text, object_pairs_hook=_unique_pairs)
-    except (ValueError, yaml.YAMLError) as exc:
-        syntax = "YAML" if yaml_syntax else "JSON"
-        raise ConfigError(f"{origin}: invalid {syntax}: {exc}") from exc
-
-
-def load_workflow(source: Mapping[str, Any] | str | os.PathLike[str]) -> WorkflowDefinition:
+def load_workflow(
+    source: WorkflowDefinition | Mapping[str, Any] | str | os.PathLike[str],
+) -> WorkflowDefinition:
     """Load and check a workflow definition.
 
     Args:
-        source: a mapping (e.g. the ``workflow`` section of a pipeline file); a JSON string (starts
-            with ``{``); or a path (``str`` or ``PathLike``) to a ``.json``, ``.yaml`` or ``.yml``
-            file. Blocking file I/O: call it through the thread pool from async code.
+        source: a definition already validated (returned as it is: a loaded pipeline's
+            ``workflow``); a mapping; a JSON string (starts with ``{``); or a path (``str`` or
+            ``PathLike``) to a ``.json``, ``.yaml`` or ``.yml`` file, read by
+            :func:`worker.documents.read_document` (size limit, ``${VAR}`` expansion, duplicate keys
+            refused). Blocking file I/O: call it through the thread pool from async code.
 
     Returns:
         The validated definition.
@@ -370,20 +316,19 @@ def load_workflow(source: Mapping[str, Any] | str | os.PathLike[str]) -> Workflo
         ConfigError: unreadable file, bad syntax, duplicate keys, or an invalid definition;
             ``.step`` and ``.field`` name the first problem, the message lists them all.
     """
+    if isinstance(source, WorkflowDefinition):
+        return source  # already validated (e.g. the ``workflow`` of a loaded PipelineConfig)
     if isinstance(source, Mapping):
         return validate_workflow(source)
     if isinstance(source, str) and source.lstrip().startswith("{"):
-        return validate_workflow(_parse_text(source, yaml_syntax=False, origin="workflow JSON"))
+        return validate_workflow(parse_document(source, syntax="json", origin="workflow JSON", expand=False))
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise ConfigError(f"{path}: a workflow file must end in .json, .yaml or .yml")
+    doc = read_document(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the workflow file: {exc}") from exc
-    try:
-        return validate_workflow(_parse_text(text, yaml_syntax=suffix != ".json", origin=str(path)))
+        return validate_workflow(doc)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}", step=exc.step, field=exc.field) from exc.__cause__
 
