@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.helpers import make_models_dir, pipeline_config, running, wait_for
+from tests.sinks.helpers import Collector
+from tests.support.mosquitto import MosquittoBroker
 from worker.ids import (
     MAX_WORKER_ID_LENGTH,
     WORKER_ID_ENV,
@@ -17,7 +21,8 @@ from worker.ids import (
     split_model_id,
 )
 from worker.models.registry import InvalidModelIdError, validate_model_id
-from worker.mqtt import BrokerConfig
+from worker.mqtt import BrokerConfig, make_client
+from worker.runtime import Worker
 from worker.sinks import MqttSink, MqttSinkConfig
 from worker.sources.mqtt import MqttSource, MqttSourceConfig
 from worker.step.parameters import StepResolver
@@ -121,3 +126,36 @@ def test_one_model_id_rule_for_workflows_and_the_registry(model_id: object, expe
         assert (refusal is None) == (problem is None), refusal
         if problem is not None:
             assert refusal is not None and problem in refusal
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_one_worker_id_in_status_control_replies_and_client_ids(
+    mosquitto: MosquittoBroker, tmp_path: Path, unique_topic: str
+) -> None:
+    config = pipeline_config(
+        "ids",
+        sources=[{"type": "mqtt", "id": "cam", "topic": f"{unique_topic}/frames"}],
+        sinks=[{"type": "mqtt", "status_topic": "segstream/{pipeline}/status/{worker}"}],
+        broker=mosquitto,
+        models_dir=make_models_dir(tmp_path / "models"),
+    )
+    worker = Worker(config)
+    broker = BrokerConfig(host=mosquitto.host, port=mosquitto.port)
+    async with (
+        Collector(broker, "segstream/ids/#", identifier="watcher", persistent=False) as seen,
+        running(worker),
+        make_client(broker, identifier="operator") as operator,
+    ):
+        await operator.publish("segstream/ids/control", b'{"inputs": {"confidence": 0.5}}', qos=1)
+        await wait_for(lambda: seen.on("segstream/ids/control/result"), "the control reply")
+        await wait_for(lambda: seen.on(f"segstream/ids/status/{worker.worker_id}"), "the status")
+        (sink,) = worker.sinks
+        (source,) = worker.sources
+        assert isinstance(sink, MqttSink) and isinstance(source, MqttSource)
+        status = seen.on(f"segstream/ids/status/{worker.worker_id}")[0].json()
+        reply = seen.on("segstream/ids/control/result")[0].json()
+        assert status["worker"] == reply["worker"] == sink.worker_id == worker.worker_id
+        assert worker.worker_id.startswith("segstream-ids-")
+        assert sink.client_id == client_id_for(worker.worker_id, "sink", "mqtt")
+        assert source.client_id == client_id_for(worker.worker_id, "source", "cam")
