@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import pytest
 
+from tests.sinks.helpers import wait_until
+from tests.support.listener import counting_listener, most_attempts
+from worker.control import ControlListener
+from worker.mqtt import BrokerConfig
+from worker.queues import FrameQueue
 from worker.retry import DEFAULT_MIN_INTERVAL_S, Backoff
 from worker.sources.base import Backoff as ReExported
+from worker.sources.mqtt import MqttSource, MqttSourceConfig
+from worker.telemetry import RecordingTelemetry
 
 
 class FakeClock:
@@ -116,3 +124,46 @@ def test_bad_bounds_are_refused(args: tuple[float, float], kwargs: dict[str, Any
 
 def test_sources_base_re_exports_the_one_backoff() -> None:
     assert ReExported is Backoff
+
+
+# ---- every reconnect loop keeps to the floor (against the test's own listener, a broker refusing logins)
+
+
+def _refused_broker(port: int) -> BrokerConfig:
+    # the smallest backoff a pipeline may set: only the attempt-rate floor bounds the rate
+    return BrokerConfig(host="127.0.0.1", port=port, reconnect_min_s=0.001, reconnect_max_s=0.001)
+
+
+async def test_the_mqtt_source_reconnects_at_most_at_the_floor_rate() -> None:
+    async with counting_listener("refuse") as listener:
+        source = MqttSource(MqttSourceConfig(id="cam", topic="frames"), _refused_broker(listener.port))
+        queue = FrameQueue("cam", 4, "every_frame")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        task = asyncio.create_task(source.run(queue))
+        await wait_until(lambda: len(listener.arrivals) >= 4, what="four connection attempts")
+        elapsed = loop.time() - started
+        await source.stop()
+        await asyncio.wait_for(task, 10)
+        assert len(listener.arrivals) <= most_attempts(loop.time() - started), (listener.arrivals, elapsed)
+
+
+async def test_the_control_listener_reconnects_at_most_at_the_floor_rate() -> None:
+    async with counting_listener("refuse") as listener:
+        control = ControlListener(
+            _refused_broker(listener.port),
+            "segstream/p/control",
+            lambda values: dict(values),
+            dict,
+            lambda message: None,
+            RecordingTelemetry(),
+            "w",
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        task = asyncio.create_task(control.run())
+        await wait_until(lambda: len(listener.arrivals) >= 4, what="four connection attempts")
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        assert len(listener.arrivals) <= most_attempts(loop.time() - started), listener.arrivals
