@@ -240,3 +240,23 @@ def test_describe_limits_and_counts() -> None:
         BrokerConfig.model_validate(doc)
     text = describe(caught.value, doc, limit=2)
     assert text.count("field '") == 2 and text.endswith("; and 1 more")
+
+
+def test_the_pipeline_schema_types_the_workflow_as_the_loader_does() -> None:
+    import jsonschema
+
+    from worker.schemas import generate
+
+    validator = jsonschema.Draft202012Validator(generate("pipeline"))
+    good = _pipeline_doc()
+    step = good["workflow"]["steps"][0]
+    step["image"] = step.pop("images")  # the alias
+    step["iou_threshold"] = "$inputs.iou"  # a selector where a number goes
+    good["workflow"]["inputs"].append({"type": "WorkflowParameter", "name": "iou", "default_value": 0.5})
+    PipelineConfig.model_validate(good)
+    assert not list(validator.iter_errors(good))
+    bad = _pipeline_doc()
+    bad["workflow"]["steps"][0]["iou_threshold"] = 1.5
+    assert list(validator.iter_errors(bad))
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate(bad)

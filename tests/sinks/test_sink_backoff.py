@@ -15,9 +15,10 @@ import pytest
 
 from tests.sinks.helpers import wait_until
 from tests.support.listener import counting_listener, most_attempts
+from tests.support.webhook import WebhookServer
 from worker.messages import FrameResult
 from worker.mqtt import BrokerConfig
-from worker.sinks import MqttSink, MqttSinkConfig
+from worker.sinks import HttpSink, HttpSinkConfig, MqttSink, MqttSinkConfig
 from worker.telemetry import RecordingTelemetry
 
 
@@ -65,3 +66,24 @@ async def test_shutdown_with_the_broker_down_keeps_to_the_backoff(
         total = len(listener.arrivals)
         assert total <= most_attempts(closed - started), (total, closed - started)
     assert telemetry.dropped[("cam1", "shutdown_undelivered")] == 3
+
+
+async def test_the_http_sink_retries_at_most_at_the_floor_rate() -> None:
+    server = WebhookServer()
+    await server.start()
+    try:
+        server.answer(503, count=10_000)  # unavailable, whatever happens
+        sink = HttpSink(
+            HttpSinkConfig(url=f"{server.url}/results", retry_min_s=0.001, retry_max_s=0.001, timeout_s=5),
+            pipeline="p",
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await sink.start()
+        await sink.publish_result(_result(0))
+        await wait_until(lambda: len(server.requests) >= 3, what="three retries")
+        assert await sink.close(timeout=1.0) == 1
+        elapsed = loop.time() - started
+    finally:
+        await server.stop()
+    assert len(server.requests) <= most_attempts(elapsed), (len(server.requests), elapsed)

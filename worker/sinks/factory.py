@@ -76,7 +76,12 @@ def _build_stdout(
 
 
 def _build_http(
-    config: HttpSinkConfig, *, pipeline: str, broker: BrokerConfig | None, telemetry: Telemetry | None
+    config: HttpSinkConfig,
+    *,
+    pipeline: str,
+    broker: BrokerConfig | None,
+    telemetry: Telemetry | None,
+    worker_id: str | None = None,
 ) -> Sink:
     return HttpSink(config, pipeline=pipeline, telemetry=telemetry)
 

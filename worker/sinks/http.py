@@ -49,9 +49,9 @@ from worker import __version__
 from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult
 from worker.mqtt import TlsConfig
+from worker.retry import Backoff
 from worker.sinks.base import DEFAULT_CLOSE_TIMEOUT_S, SinkContextMixin
 from worker.sinks.outbox import Outbox, OutgoingMessage
-from worker.sources.base import Backoff
 from worker.telemetry import NullTelemetry, Telemetry
 
 __all__ = ["HttpAuthConfig", "HttpSink", "HttpSinkConfig"]
@@ -341,9 +341,11 @@ class HttpSink(SinkContextMixin):
                 self.telemetry.reconnect(f"http:{self.name}")
                 if self._stopping.is_set() and not retried_after_stop:
                     retried_after_stop = True  # closing: one more try at once, then backoff to the timeout
+                    await asyncio.sleep(backoff.pace())  # the attempt-rate floor holds even then
                     continue
                 delay = min(self.config.retry_max_s, max(backoff.next_delay(), round_.retry_after))
                 await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.pace())  # the attempt-rate floor (worker.retry)
 
     def _window(self) -> list[tuple[int, OutgoingMessage]]:
         """The oldest ``max_inflight`` messages in the outbox."""

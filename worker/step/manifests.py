@@ -30,6 +30,7 @@ from pydantic import (
     Discriminator,
     Field,
     GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PlainValidator,
     PrivateAttr,
     Tag,
@@ -39,6 +40,7 @@ from pydantic import (
     WrapValidator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError, core_schema
 
 from worker.documents import config_error, problem_details
@@ -103,6 +105,16 @@ class _Ref:
             serialization=core_schema.plain_serializer_function_ser_schema(lambda value: value),
         )
 
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """The literal's schema, or a ``$inputs.<name>`` selector string."""
+        return {"anyOf": [handler(schema), SELECTOR_JSON_SCHEMA]}
+
+
+#: JSON schema of a ``$inputs.<name>`` selector (the pipeline schema accepts one wherever a step does)
+SELECTOR_JSON_SCHEMA: Final[dict[str, str]] = {"type": "string", "pattern": r"^\$inputs\.[^.\s$]+$"}
+
 
 def _ref(field: str) -> _Ref:
     return _Ref(PARAMETER_TYPES[field])
@@ -128,6 +140,18 @@ def _check_name(value: Any) -> Any:
     return value
 
 
+def _image_alias_in_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema accepts ``image`` for ``images``, as validation does (one of them, required)."""
+    properties = schema.get("properties", {})
+    if "images" not in properties:
+        return
+    properties["image"] = {**properties["images"], "description": "Alias of images."}
+    required = schema.get("required", [])
+    if "images" in required:
+        required.remove("images")
+        schema["oneOf"] = [{"required": ["images"]}, {"required": ["image"]}]
+
+
 class InstanceSegmentationStep(BaseModel):
     """Base of the four versions: the fields every version has, and what a loaded step offers.
 
@@ -135,14 +159,20 @@ class InstanceSegmentationStep(BaseModel):
         version: 1..4 (class attribute).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, json_schema_extra=_image_alias_in_schema
+    )
 
     version: ClassVar[int]
 
-    name: Annotated[str, PlainValidator(_check_name), Field(description="Unique name of the step.")]
+    name: Annotated[
+        str,
+        PlainValidator(_check_name, json_schema_input_type=str),
+        Field(description="Unique name of the step."),
+    ]
     images: Annotated[
         str,
-        PlainValidator(_check_images),
+        PlainValidator(_check_images, json_schema_input_type=str),
         Field(
             validation_alias=AliasChoices("images", "image"),
             description="Selector of the WorkflowImage input, e.g. '$inputs.image' (alias: image).",

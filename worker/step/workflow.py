@@ -154,7 +154,7 @@ class JsonField(_Strict):
 
     type: Literal["JsonField"]
     name: Name
-    selector: Annotated[str, PlainValidator(_check_output_selector)]
+    selector: Annotated[str, PlainValidator(_check_output_selector, json_schema_input_type=str)]
     coordinates_system: Literal["own", "parent"] = "own"
 
     @property
@@ -174,7 +174,12 @@ def _fail(message: str, *, step: str | None, field: str) -> PydanticCustomError:
 
 
 class WorkflowDefinition(_Strict):
-    """A validated workflow. Build it with :func:`load_workflow` to get :class:`ConfigError`\\ s."""
+    """A workflow: its inputs, steps and outputs (a pipeline file's ``workflow``, or a workflow file).
+
+    Validated as a whole: names unique, every selector pointing at an input or step that exists,
+    defaults accepted by the fields they bind. :func:`load_workflow` turns its errors into a
+    ``ConfigError`` naming the step and the field.
+    """
 
     version: str = "1.0"
     inputs: list[WorkflowInput]
