@@ -57,6 +57,7 @@ __all__ = [
     "problem_details",
     "problems",
     "read_document",
+    "syntax_of",
 ]
 
 #: the largest pipeline or workflow file read

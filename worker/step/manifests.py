@@ -109,11 +109,11 @@ class _Ref:
         self, schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         """The literal's schema, or a ``$inputs.<name>`` selector string."""
-        return {"anyOf": [handler(schema), SELECTOR_JSON_SCHEMA]}
+        return {"anyOf": [handler(schema), _SELECTOR_JSON_SCHEMA]}
 
 
 #: JSON schema of a ``$inputs.<name>`` selector (the pipeline schema accepts one wherever a step does)
-SELECTOR_JSON_SCHEMA: Final[dict[str, str]] = {"type": "string", "pattern": r"^\$inputs\.[^.\s$]+$"}
+_SELECTOR_JSON_SCHEMA: Final[dict[str, str]] = {"type": "string", "pattern": r"^\$inputs\.[^.\s$]+$"}
 
 
 def _ref(field: str) -> _Ref:

@@ -173,6 +173,34 @@ def _fail(message: str, *, step: str | None, field: str) -> PydanticCustomError:
     return PydanticCustomError("workflow_reference", message, {"step": step, "field": field})
 
 
+def _check_step_inputs(step: InstanceSegmentationStep, inputs: Mapping[str, Any]) -> None:
+    """``images`` points at the image input; each bound field at a parameter whose default it accepts."""
+    if step.image_input not in inputs:
+        raise _fail(
+            f"selector {step.images!r} points at no input (inputs: {', '.join(inputs)})",
+            step=step.name,
+            field="images",
+        )
+    if not isinstance(inputs[step.image_input], WorkflowImage):
+        raise _fail(
+            f"{step.images!r} is a {inputs[step.image_input].type}, not a WorkflowImage",
+            step=step.name,
+            field="images",
+        )
+    for field, input_name in step.bindings.items():
+        bound = inputs.get(input_name)
+        if not isinstance(bound, WorkflowParameter):
+            what = "no input" if bound is None else f"a {bound.type}, not a WorkflowParameter"
+            raise _fail(f"$inputs.{input_name} is {what}", step=step.name, field=field)
+        refusal = step.resolver.refusal(field, bound.default_value) if bound.has_default else None
+        if refusal is not None:
+            raise _fail(
+                f"the default_value of $inputs.{input_name} is refused: {refusal}",
+                step=step.name,
+                field=field,
+            )
+
+
 class WorkflowDefinition(_Strict):
     """A workflow: its inputs, steps and outputs (a pipeline file's ``workflow``, or a workflow file).
 
@@ -188,6 +216,21 @@ class WorkflowDefinition(_Strict):
 
     @model_validator(mode="after")
     def _check_references(self) -> WorkflowDefinition:
+        self._check_unique_names()
+        images = [item for item in self.inputs if isinstance(item, WorkflowImage)]
+        if len(images) != 1:
+            raise _fail(
+                f"a workflow needs exactly one WorkflowImage input (the frame), found {len(images)}",
+                step=None,
+                field="inputs",
+            )
+        inputs = {item.name: item for item in self.inputs}
+        for step in self.steps:
+            _check_step_inputs(step, inputs)
+        self._check_outputs()
+        return self
+
+    def _check_unique_names(self) -> None:
         for section, items in (("inputs", self.inputs), ("steps", self.steps), ("outputs", self.outputs)):
             seen: dict[str, int] = {}
             for index, item in enumerate(items):
@@ -199,43 +242,8 @@ class WorkflowDefinition(_Strict):
                         field=f"{section}[{index}].name",
                     )
                 seen[item.name] = index
-        images = [item for item in self.inputs if isinstance(item, WorkflowImage)]
-        if len(images) != 1:
-            raise _fail(
-                f"a workflow needs exactly one WorkflowImage input (the frame), found {len(images)}",
-                step=None,
-                field="inputs",
-            )
-        inputs = {item.name: item for item in self.inputs}
-        for step in self.steps:
-            if step.image_input not in inputs:
-                raise _fail(
-                    f"selector {step.images!r} points at no input (inputs: {', '.join(inputs)})",
-                    step=step.name,
-                    field="images",
-                )
-            if not isinstance(inputs[step.image_input], WorkflowImage):
-                raise _fail(
-                    f"{step.images!r} is a {inputs[step.image_input].type}, not a WorkflowImage",
-                    step=step.name,
-                    field="images",
-                )
-            for field, input_name in step.bindings.items():
-                bound = inputs.get(input_name)
-                if not isinstance(bound, WorkflowParameter):
-                    what = "no input" if bound is None else f"a {bound.type}, not a WorkflowParameter"
-                    raise _fail(
-                        f"$inputs.{input_name} is {what}",
-                        step=step.name,
-                        field=field,
-                    )
-                refusal = step.resolver.refusal(field, bound.default_value) if bound.has_default else None
-                if refusal is not None:
-                    raise _fail(
-                        f"the default_value of $inputs.{input_name} is refused: {refusal}",
-                        step=step.name,
-                        field=field,
-                    )
+
+    def _check_outputs(self) -> None:
         steps = {step.name: step for step in self.steps}
         for index, output in enumerate(self.outputs):
             field = f"outputs[{index}].selector"
@@ -254,7 +262,6 @@ class WorkflowDefinition(_Strict):
                     step=target.name,
                     field=field,
                 )
-        return self
 
     @property
     def image_input(self) -> str:
