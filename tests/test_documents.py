@@ -17,6 +17,7 @@ from worker.config import PipelineConfig, load_pipeline
 from worker.documents import (
     BUILTIN_VARIABLES,
     MAX_DOCUMENT_BYTES,
+    MAX_PROBLEMS_LISTED,
     describe,
     expand_env,
     parse_document,
@@ -260,3 +261,12 @@ def test_the_pipeline_schema_types_the_workflow_as_the_loader_does() -> None:
     assert list(validator.iter_errors(bad))
     with pytest.raises(ValidationError):
         PipelineConfig.model_validate(bad)
+
+
+def test_a_file_with_many_problems_lists_the_first_ones_and_counts_the_rest(tmp_path: Path) -> None:
+    doc = _pipeline_doc(sources=[{"type": "video", "id": f"cam{n}"} for n in range(50)])  # 50 missing urls
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(_write(tmp_path, "p.yaml", doc))
+    message = str(caught.value)
+    assert message.count("Field required") == MAX_PROBLEMS_LISTED and message.endswith("; and 30 more")
+    assert caught.value.field == "sources[0].url"

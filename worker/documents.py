@@ -46,6 +46,7 @@ from worker.errors import ConfigError
 __all__ = [
     "BUILTIN_VARIABLES",
     "MAX_DOCUMENT_BYTES",
+    "MAX_PROBLEMS_LISTED",
     "DuplicateKeyError",
     "Problem",
     "Syntax",
@@ -360,8 +361,17 @@ def describe(exc: ValidationError, raw: Any = None, *, limit: int | None = None)
     return text
 
 
+#: at most this many problems are listed in one ConfigError (the rest are counted)
+MAX_PROBLEMS_LISTED: Final = 20
+
+
 def config_error(exc: ValidationError, raw: Any, what: str) -> ConfigError:
-    """``ConfigError("invalid <what>: <problems>")`` with ``.step`` / ``.field`` of the first problem."""
+    """``ConfigError("invalid <what>: <problems>")`` with ``.step`` / ``.field`` of the first problem.
+
+    At most :data:`MAX_PROBLEMS_LISTED` problems are listed; the rest are counted.
+    """
     found = problems(exc, raw)
     first = found[0] if found else Problem(None, "", str(exc))
-    return ConfigError(f"invalid {what}: {'; '.join(map(str, found))}", step=first.step, field=first.field)
+    return ConfigError(
+        f"invalid {what}: {describe(exc, raw, limit=MAX_PROBLEMS_LISTED)}", step=first.step, field=first.field
+    )
