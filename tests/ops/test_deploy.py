@@ -128,7 +128,9 @@ def test_every_manifest_belongs_to_a_kustomization() -> None:
         kust = yaml.safe_load(kust_file.read_text())
         for entry in [*kust.get("resources", []), *kust.get("components", [])]:
             listed.add((kust_file.parent / entry).resolve())
-    files = {p.resolve() for p in K8S.rglob("*.yaml")} - {p.resolve() for p in K8S.rglob("kustomization.yaml")}
+    files = {p.resolve() for p in K8S.rglob("*.yaml")} - {
+        p.resolve() for p in K8S.rglob("kustomization.yaml")
+    }
     assert files <= listed, sorted(str(p.relative_to(K8S)) for p in files - listed)
     # no flat manifests left at the top: pick deploy/k8s/deployment or deploy/k8s/statefulset
     assert not list(K8S.glob("*.yaml"))
@@ -146,7 +148,11 @@ def test_every_builtin_manifest_validates_against_the_kubernetes_schema(
         "PersistentVolumeClaim",
         "Job",
     }
-    assert {k.split("/")[0] for k in docs if k not in builtin} == {"ScaledObject", "PodMonitor", "PrometheusRule"}
+    assert {k.split("/")[0] for k in docs if k not in builtin} == {
+        "ScaledObject",
+        "PodMonitor",
+        "PrometheusRule",
+    }
     for name, doc in builtin.items():
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -309,14 +315,18 @@ def test_the_seed_job_script_copies_the_bundled_models(tmp_path: Path) -> None:
     assert container["command"][:2] == ["python", "-c"]
     script = container["command"][2]
     env = {**os.environ, "MODELS_DIR": str(tmp_path / "models"), "SEED_FROM": ""}
-    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    first = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
     assert first.returncode == 0, first.stderr
     assert "factory-parts/1: copied" in first.stdout
     package = tmp_path / "models" / "factory-parts" / "1"
     assert (package / "weights.onnx").is_file() and (package / "metadata.json").is_file()
     assert not [p for p in package.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     assert ModelRegistry([tmp_path / "models"]).resolve("factory-parts/1") == package
-    second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
     assert second.returncode == 0 and "factory-parts/1: already present, kept" in second.stdout
     empty = subprocess.run(
         [sys.executable, "-c", script],
@@ -451,7 +461,9 @@ def test_keda_scaledobject_against_its_crd_schema(docs: dict[str, dict[str, Any]
         (("spec", "triggers", 0, "metricType"), "Average"),
     ],
 )
-def test_keda_schema_rejects_mistakes(docs: dict[str, dict[str, Any]], path: tuple[Any, ...], value: Any) -> None:
+def test_keda_schema_rejects_mistakes(
+    docs: dict[str, dict[str, Any]], path: tuple[Any, ...], value: Any
+) -> None:
     broken = copy.deepcopy(docs["ScaledObject/segstream"])
     node = broken
     for key in path[:-1]:
@@ -468,7 +480,9 @@ def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail("promtool is missing in CI: scripts/install-system-deps.sh installs Debian's prometheus")
+            pytest.fail(
+                "promtool is missing in CI: scripts/install-system-deps.sh installs Debian's prometheus"
+            )
         pytest.skip("promtool not installed (Debian package prometheus: make system)")
     return path
 
@@ -529,7 +543,11 @@ def _kubernetes_sd_supported() -> bool:
         probe = Path(tmp) / "probe.yml"
         probe.write_text("scrape_configs:\n  - job_name: p\n    kubernetes_sd_configs:\n      - role: pod\n")
         proc = subprocess.run(
-            [_promtool(), "check", "config", str(probe)], capture_output=True, text=True, timeout=60, check=False
+            [_promtool(), "check", "config", str(probe)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     return proc.returncode == 0
 
@@ -601,7 +619,10 @@ def test_kubernetes_scrape_config_relabels_pods(docs: dict[str, dict[str, Any]],
                 )
         return out
 
-    worker = [_relabel(t, job["relabel_configs"]) for t in discovered("segstream-0", workload["spec"]["template"]["spec"])]
+    worker = [
+        _relabel(t, job["relabel_configs"])
+        for t in discovered("segstream-0", workload["spec"]["template"]["spec"])
+    ]
     (target,) = [t for t in worker if t is not None]
     assert target["namespace"] == namespace and target["pod"] == "segstream-0"
     assert target["__address__"].endswith(f":{_container(workload)['ports'][0]['containerPort']}")
@@ -621,30 +642,49 @@ def _keda_query_tests(queries: dict[str, str], namespace: str) -> dict[str, Any]
             lab = f'{base}, source="{source}"'
             series += [
                 {"series": f"segstream_queue_depth{{{lab}}}", "values": depth},
-                {"series": f'segstream_e2e_latency_seconds_bucket{{{lab}, le="0.5"}}', "values": f"0+{fast_share}x30"},
-                {"series": f'segstream_e2e_latency_seconds_bucket{{{lab}, le="1"}}', "values": f"0+{rate}x30"},
-                {"series": f'segstream_e2e_latency_seconds_bucket{{{lab}, le="+Inf"}}', "values": f"0+{rate}x30"},
+                {
+                    "series": f'segstream_e2e_latency_seconds_bucket{{{lab}, le="0.5"}}',
+                    "values": f"0+{fast_share}x30",
+                },
+                {
+                    "series": f'segstream_e2e_latency_seconds_bucket{{{lab}, le="1"}}',
+                    "values": f"0+{rate}x30",
+                },
+                {
+                    "series": f'segstream_e2e_latency_seconds_bucket{{{lab}, le="+Inf"}}',
+                    "values": f"0+{rate}x30",
+                },
                 {"series": f"segstream_e2e_latency_seconds_count{{{lab}}}", "values": f"0+{rate}x30"},
             ]
         return series
 
-    def case(series: list[dict[str, str]], backlog: list[dict[str, str]], latency: list[dict[str, str]]) -> Any:
+    samples = list[dict[str, str | int]]
+
+    def case(series: list[dict[str, str]], backlog: samples, latency: samples) -> Any:
         return {
             "interval": "1m",
             "input_series": series,
             "promql_expr_test": [
                 {"expr": f"round(1000 * ({queries['backlog']}))", "eval_time": "20m", "exp_samples": backlog},
-                {"expr": f"round(1000 * ({queries['p95-latency']}))", "eval_time": "20m", "exp_samples": latency},
+                {
+                    "expr": f"round(1000 * ({queries['p95-latency']}))",
+                    "eval_time": "20m",
+                    "exp_samples": latency,
+                },
             ],
         }
 
-    def one(value: int) -> list[dict[str, str | int]]:
+    def one(value: int) -> samples:
         return [{"labels": "{}", "value": value}]
 
     broker_away = [
-        {"series": f'segstream_broker_connected{{job="segstream", namespace="{namespace}", pod="p0"}}', "values": "0x30"},
         {
-            "series": f'segstream_reconnects_total{{job="segstream", namespace="{namespace}", pod="p0", target="broker:source"}}',
+            "series": f'segstream_broker_connected{{job="segstream", namespace="{namespace}", pod="p0"}}',
+            "values": "0x30",
+        },
+        {
+            "series": "segstream_reconnects_total"
+            f'{{job="segstream", namespace="{namespace}", pod="p0", target="broker:source"}}',
             "values": "0+2x30",
         },
     ]
@@ -684,7 +724,7 @@ def test_keda_queries_evaluated_by_promtool(docs: dict[str, dict[str, Any]], tmp
 
 def _metrics_class() -> tuple[Any, bool]:
     try:
-        from worker.ops.metrics import Metrics
+        from worker.ops.metrics import Metrics  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         from worker.metrics import Metrics  # type: ignore[no-redef]
 
@@ -704,7 +744,9 @@ def _exported_metric_names() -> set[str]:
     m.e2e_latency("cam1", 0.1)
     m.batch_done(1, 0.01, 0.01)
     text = m.render()[0].decode()
-    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    names = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
     return names if new else names | AGREED_METRICS
 
 
@@ -751,7 +793,9 @@ def test_dashboard_and_alerts_query_only_exported_metrics() -> None:
 
 
 @pytest.mark.parametrize("name", ["mqtt-factory-line.yaml", "rtsp-camera.yaml"])
-def test_example_pipelines_read_the_broker_from_the_environment(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_pipelines_read_the_broker_from_the_environment(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     text = (ROOT / "pipelines" / name).read_text()
     assert "${MQTT_HOST" in text and "${MQTT_PORT" in text
     assert not re.search(r"port:\s*1883\b", text)  # 1883 only as the default of ${MQTT_PORT:-1883}
