@@ -719,6 +719,146 @@ def test_keda_queries_evaluated_by_promtool(docs: dict[str, dict[str, Any]], tmp
     _run_promtool("test", "rules", str(test_file))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _prom_query(base: str, query: str) -> list[dict[str, Any]]:
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def test_real_prometheus_scrapes_a_worker_pod_through_the_kubernetes_config(tmp_path: Path) -> None:
+    """Debian's prometheus server, run on loopback with prometheus-kubernetes.yml, its pod discovery
+    replaced by file discovery that hands over the targets (and __meta_kubernetes_* labels) Kubernetes
+    would give for a worker pod and the seed Job's pod, scrapes the worker's real /metrics: only the
+    worker is a target, its series carry job/namespace/pod, the alert rules load, and both KEDA
+    queries answer one sample."""
+    import http.server
+    import threading
+    import time
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        _promtool()  # fails under CI, skips elsewhere: the same Debian package
+        pytest.skip("prometheus not installed")
+    docs = _by_name(_kustomize(K8S / "deployment"))
+    workload = _workload(docs, "deployment")
+    metrics_cls, _ = _metrics_class()
+    metrics = metrics_cls("factory-line3", sources=["line3"])
+    metrics.queue_depth("line3", 3)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, content_type = metrics.render()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    exporter = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=exporter.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{exporter.server_address[1]}"
+
+    def group(pod_name: str, pod: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for container in pod["containers"]:
+            for port in container.get("ports", []) or [{}]:
+                labels = {
+                    "__meta_kubernetes_namespace": workload["metadata"]["namespace"],
+                    "__meta_kubernetes_pod_name": pod_name,
+                    "__meta_kubernetes_pod_phase": "Running",
+                    "__meta_kubernetes_pod_container_name": container["name"],
+                    "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                }
+                out.append({"targets": [address], "labels": labels})
+        return out
+
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    seed_pod = docs["Job/segstream-models-seed"]["spec"]["template"]["spec"]
+    (targets / "pods.json").write_text(
+        json.dumps(group("segstream-0", workload["spec"]["template"]["spec"]) + group("seed-x", seed_pod))
+    )
+    config = yaml.safe_load((PROM / "prometheus-kubernetes.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs")
+        job["file_sd_configs"] = [{"files": [str(targets / "*.json")], "refresh_interval": "1s"}]
+    shutil.copy(PROM / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    scaled = docs["ScaledObject/segstream"]
+    queries = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"]}
+    try:
+
+        def poll(query: str) -> list[dict[str, Any]]:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    result = _prom_query(base, query)
+                except OSError:
+                    result = []
+                if result or time.monotonic() > deadline:
+                    return result
+                time.sleep(0.5)
+
+        (up,) = poll('up{job="segstream"} == 1')
+        assert up["metric"]["namespace"] == "segstream" and up["metric"]["pod"] == "segstream-0"
+        assert up["metric"]["container"] == "worker"
+        # the seed Job's pod has no metrics port: not a target
+        assert len(_prom_query(base, 'up{job="segstream"}')) == 1
+        (depth,) = poll('segstream_queue_depth{namespace="segstream",job="segstream",pod="segstream-0"}')
+        assert float(depth["value"][1]) == 3
+        (backlog,) = poll(queries["backlog"])
+        assert float(backlog["value"][1]) == 3
+        # no frame processed yet: p95 has no value and the query answers 0 (needs two scrapes for rate)
+        (latency,) = poll(queries["p95-latency"])
+        assert float(latency["value"][1]) == 0
+        with _urlopen(f"{base}/api/v1/rules") as response:
+            rules = json.loads(response.read())["data"]["groups"]
+        assert {g["name"] for g in rules} == {"segstream-faults", "segstream-skips"}
+        assert all(r["health"] != "err" for g in rules for r in g["rules"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        exporter.shutdown()
+        exporter.server_close()
+
+
+def _urlopen(url: str) -> Any:
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=10)
+
+
 # --- metrics the deploy files query ------------------------------------------------------------------
 
 
