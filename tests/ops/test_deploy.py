@@ -738,6 +738,8 @@ def _prom_query(base: str, query: str) -> list[dict[str, Any]]:
     return list(body["data"]["result"])
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_real_prometheus_scrapes_a_worker_pod_through_the_kubernetes_config(tmp_path: Path) -> None:
     """Debian's prometheus server, run on loopback with prometheus-kubernetes.yml, its pod discovery
     replaced by file discovery that hands over the targets (and __meta_kubernetes_* labels) Kubernetes
