@@ -108,9 +108,14 @@ def _pipeline(docs: dict[str, dict[str, Any]], overlay: str, monkeypatch: pytest
     for name, env in _env(container).items():
         if "value" in env:
             monkeypatch.setenv(name, env["value"])
-    monkeypatch.setenv("POD_NAME", "segstream-0")
+    monkeypatch.setenv("POD_NAME", "segstream-0")  # from the downward API (fieldRef)
+    monkeypatch.setenv("POD_NAMESPACE", _namespace(docs, overlay))
     monkeypatch.setenv("SEGSTREAM_MQTT_PASSWORD", "not-a-real-password")
     return _load_pipeline_text(docs["ConfigMap/segstream-pipeline"]["data"]["pipeline.yaml"], monkeypatch)
+
+
+def _namespace(docs: dict[str, dict[str, Any]], overlay: str) -> str:
+    return str(_workload(docs, overlay)["metadata"]["namespace"])
 
 
 def _load_pipeline_text(text: str, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -215,6 +220,7 @@ def test_workload_probes_grace_hardening_and_environment(
     assert pipeline.broker.port == int(env["MQTT_PORT"]["value"])
     # the worker id is built from the pod name
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
     # terminationGracePeriodSeconds covers preStop + the worker's own grace time, with a small margin
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -246,7 +252,7 @@ def test_statefulset_gives_each_pod_a_stable_client_id_and_session(monkeypatch: 
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
     (source,) = _pipeline(docs, "statefulset", monkeypatch).sources
     assert source.type == "mqtt" and source.shared_group
-    assert source.client_id == "segstream-0"  # ${POD_NAME}
+    assert source.client_id == "segstream-0.segstream"  # ${POD_NAME}.${POD_NAMESPACE}
     assert source.policy == "every_frame" and source.qos == 1 and source.session_expiry_s > 0
 
 
