@@ -265,6 +265,7 @@ class CountingSink:
     """
 
     name = "bench-counter"
+    connected = None  # no broker
 
     def __init__(self, limit: int | None = None, on_limit: Any = None) -> None:
         self.limit = limit
@@ -333,7 +334,7 @@ async def run_counted_pipeline(
     from worker.runtime import Worker  # the runtime pulls in every stage; only the runs need it
 
     counter = CountingSink(limit=frames)
-    worker = Worker(config, models_dir=models_dir, extra_sinks=[counter], metrics=metrics)
+    worker = await Worker.create(config, models_dir=models_dir, extra_sinks=[counter], metrics=metrics)
     counter.on_limit = worker.request_stop
     run = asyncio.create_task(worker.run(), name="worker")
     started = asyncio.create_task(worker.started.wait())

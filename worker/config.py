@@ -115,6 +115,11 @@ class PipelineConfig(_Strict):
     http: HttpConfig = HttpConfig()
     model: ModelRuntimeConfig = ModelRuntimeConfig()
     shutdown_grace_s: float = Field(20.0, gt=0, le=600)
+    broker_required: bool = Field(
+        False,
+        description="at start-up, exit with an error unless every mqtt sink connects within "
+        "broker.connect_timeout (default: start anyway, not ready until the broker is there)",
+    )
     inference_threads: int = Field(1, ge=1, le=8, description="batches in flight at once")
     blas_threads: int = Field(
         1,

@@ -74,6 +74,7 @@ class HealthState:
     broker_probe: Callable[[], bool] = field(default=lambda: False, repr=False)
     shutting_down: bool = False
     sources_attached: frozenset[str] = frozenset()
+    stages_down: frozenset[str] = frozenset()
     last_heartbeat: float = field(default=math.nan)
     last_batcher_progress: float = math.nan
     batcher_idle: bool = True
@@ -108,6 +109,13 @@ class HealthState:
             self.sources_attached = self.sources_attached | {source}
         else:
             self.sources_attached = self.sources_attached - {source}
+
+    def stage_alive(self, name: str, alive: bool) -> None:
+        """A supervised stage (e.g. ``"control"``, ``"inference"``) is running or down; down: not ready."""
+        if alive:
+            self.stages_down = self.stages_down - {name}
+        else:
+            self.stages_down = self.stages_down | {name}
 
     def begin_shutdown(self) -> None:
         """SIGTERM: readiness turns false at once, before anything else stops."""
@@ -169,12 +177,15 @@ class HealthState:
             reasons.append("broker not connected")
         if not self.sources_attached:
             reasons.append("no source attached")
+        stages_down = self.stages_down
+        reasons.extend(f"stage {name} is down" for name in sorted(stages_down))
         checks = {
             "shutting_down": self.shutting_down,
             "model_loaded": self.model_loaded,
             "broker_required": self.broker_required,
             "broker_connected": broker_up,
             "sources_attached": sorted(self.sources_attached),
+            "stages_down": sorted(stages_down),
         }
         return HealthReport(not reasons, checks, tuple(reasons))
 

@@ -104,6 +104,15 @@ class FrameQueue:
         self.telemetry.queue_depth(self.source_id, len(self._items))
         return frame
 
+    def reopen(self) -> None:
+        """Accept puts again after ``close``: the supervisor restarting a source that failed.
+
+        A source closes its queue when ``run`` ends, also by an exception; the supervisor reopens it
+        in the same step of the event loop (no ``await`` in between), so the batcher never sees the
+        queue exhausted while its source is restarted.
+        """
+        self._closed = False
+
     def close(self) -> None:
         """No new ``put`` is accepted; frames already queued, and those of puts already waiting for
         room (``every_frame``), can still be taken."""

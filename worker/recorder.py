@@ -1,4 +1,9 @@
-"""Optional outputs of a run besides the sinks: an annotated video and a run summary."""
+"""Optional outputs of a run besides the sinks: an annotated video and a run summary.
+
+Both are result observers (``worker.publisher.ResultObserver``): the publisher hands them every
+published frame. ``AnnotatedVideo`` adapts an ``AnnotatedVideoWriter`` (a thread that annotates and
+encodes) to that interface for one source.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,19 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from worker.annotate import annotate
+from worker.concurrency import BlockingPool
 from worker.step.detections import Detections
 
-__all__ = ["AnnotatedVideoWriter", "RunSummary"]
+if TYPE_CHECKING:
+    from worker.publisher import PublishedFrame
+
+__all__ = ["AnnotatedVideo", "AnnotatedVideoWriter", "RunSummary"]
 
 
 class AnnotatedVideoWriter:
@@ -69,9 +78,22 @@ class AnnotatedVideoWriter:
                 continue
         self.skipped += 1
 
+    @property
+    def full(self) -> bool:
+        """The writer is behind: ``try_put`` would fail now."""
+        return self._queue.full()
+
     def close(self, timeout: float = 30.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Write what is queued and release the file (blocking: call it from a thread)."""
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                break
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    return
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -88,6 +110,64 @@ class AnnotatedVideoWriter:
             self._writer.release()
 
 
+class AnnotatedVideo:
+    """The annotated video of one source, as a result observer.
+
+    For a source whose every frame is processed (``waits``) the video gets every frame too: ``gate``
+    (the publisher awaits it before each result) waits, in ``pool``, until the writer has room for
+    the frame kept back when it was behind; for a live source a frame the writer has no room for is
+    skipped and counted.
+
+    Args:
+        writer: the video writer (its thread is already running).
+        source: the id of the source recorded.
+        waits: every frame (True) or skip when behind (False).
+        pool: where waiting for room and the final close happen (never on the event loop).
+        close_timeout_s: the longest the final close may take.
+    """
+
+    def __init__(
+        self,
+        writer: AnnotatedVideoWriter,
+        source: str,
+        *,
+        waits: bool,
+        pool: BlockingPool,
+        close_timeout_s: float = 30.0,
+    ) -> None:
+        self.writer = writer
+        self.source = source
+        self.waits = waits
+        self._pool = pool
+        self._close_timeout_s = close_timeout_s
+        self._held: tuple[np.ndarray, Detections | None] | None = None
+
+    def on_result(self, published: PublishedFrame) -> None:
+        if published.frame.source_id != self.source:
+            return
+        image, detections = published.frame.image, published.detections
+        if not self.waits:
+            self.writer.offer(image, detections)
+            return
+        if self._held is None and self.writer.try_put(image, detections):
+            return
+        if self._held is not None:  # two results with no gate between them: the older one is lost
+            self.writer.skipped += 1
+        self._held = (image, detections)  # the gate hands it over before the next result
+
+    async def gate(self) -> None:
+        """Hand over the frame kept back, waiting (in the pool) for room: a thread hop only then."""
+        if self._held is not None:
+            image, detections = self._held
+            self._held = None
+            await self._pool.run(self.writer.put, image, detections)
+
+    async def aclose(self) -> None:
+        await self.gate()
+        await self._pool.run(self.writer.close, self._close_timeout_s)
+        self._pool.shutdown(wait=False)
+
+
 @dataclass
 class RunSummary:
     """Counts kept while a pipeline runs, printed when it ends."""
@@ -101,6 +181,20 @@ class RunSummary:
     batches: int = 0
     #: ``(path, frames written, frames skipped)`` of the annotated video, once it is closed
     annotated: tuple[str, int, int] | None = None
+
+    def on_result(self, published: PublishedFrame) -> None:
+        """A result observer: frames per source and detections per class."""
+        self.frames[published.frame.source_id] += 1
+        if published.detections is not None:
+            self.add_detections(published.detections, published.class_names)
+
+    async def aclose(self) -> None:
+        pass
+
+    def add_batch(self, model_seconds: float, postprocess_seconds: float) -> None:
+        self.batches += 1
+        self.model_seconds += model_seconds
+        self.postprocess_seconds += postprocess_seconds
 
     def add_detections(self, detections: Detections, class_names: Sequence[str]) -> None:
         for class_id in detections.class_id.tolist():

@@ -1,14 +1,16 @@
-"""The composition root: builds every stage from a pipeline file, runs them, stops them in order.
+"""The composition root: builds every stage from a pipeline file, runs them supervised, stops them in order.
 
-Start order: logging → model (the workflow's runner, loaded in a thread) → metrics, health, preview
-and the HTTP server → sinks → control topic → queues and sources → batcher and inference. Stop order
-is the reverse: ``/readyz`` turns not-ready, sources stop and close their queues, the batcher drains
-what was already read (nothing read under ``every_frame`` is lost), in-flight batches finish and are
-published, sinks deliver their outboxes (QoS 1 acknowledgements) and say ``offline``, the HTTP server
-closes. The whole stop is bounded by ``shutdown_grace_s``.
+Start order: logging → workflow and model (``Worker.create`` loads the runner in the model pool, so a
+``Worker`` never exists without it) → metrics, health, preview → HTTP server → sinks (the publisher) →
+the broker, when ``broker_required`` → the stages in one ``Supervisor``: the loop heartbeat, the control
+topic, the sources, the inference loop (batcher → model → publisher).
 
-Inference overlaps with everything else: up to ``inference_threads`` batches run in the model pool
-while the next batch is gathered, and results are published strictly in batch order.
+Whatever ends the run — SIGTERM/SIGINT, the inputs ending, a stage failing for good — the same stop
+sequence runs, bounded by ``shutdown_grace_s``: ``/readyz`` turns not-ready, sources stop and close their
+queues, the inference loop drains what was already read (nothing read under ``every_frame`` is lost) and
+publishes it, frames the failed stage can no longer answer get an error report each, the sinks deliver
+their outboxes and say ``offline``, the HTTP server closes. The exit code says how it ended
+(``worker.supervisor.EXIT_*``, listed in the README's operations section).
 """
 
 from __future__ import annotations
@@ -18,42 +20,106 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import Any
 
 from worker import __version__
 from worker.batching import Batcher
 from worker.concurrency import BlockingPool, limit_blas_threads
 from worker.config import PipelineConfig, load_pipeline
 from worker.control import ControlListener
-from worker.errors import ConfigError, SegstreamError
-from worker.frame import Frame
+from worker.errors import ConfigError, SegstreamError, SinkError
 from worker.http_server import HealthState, HttpServer, build_app
-from worker.ids import make_worker_id
+from worker.inference import InferenceLoop
 from worker.logging_setup import configure_logging
-from worker.messages import ErrorReport, FrameResult
+from worker.messages import ErrorReport
 from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
 from worker.preview import PreviewHub
+from worker.publisher import Gate, PublishedFrame, Publisher, ResultObserver
 from worker.queues import FrameQueue
-from worker.recorder import AnnotatedVideoWriter, RunSummary
-from worker.sinks import Sink, build_sink
+from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
+from worker.sinks import MqttSink, Sink, build_sink
 from worker.sources import Source, build_source
-from worker.step.executor import BatchResult, WorkflowRunner
+from worker.sources.base import Backoff
+from worker.sources.factory import ImageFolderSourceConfig, VideoSourceConfig
+from worker.step.executor import WorkflowRunner
+from worker.step.workflow import WorkflowDefinition, load_workflow
+from worker.supervisor import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNDELIVERED,
+    Supervisor,
+    describe_exception,
+)
 
-__all__ = ["Worker", "run_pipeline_file"]
+__all__ = ["Worker", "run_pipeline_file", "run_worker"]
 
 log = logging.getLogger(__name__)
 
+#: restart delays of a failed source or control listener without broker settings, seconds
+_RESTART_MIN_S, _RESTART_MAX_S = 0.5, 30.0
+
+
+class _PreviewObserver:
+    """The live preview as a result observer (annotates only while someone watches)."""
+
+    def __init__(self, hub: PreviewHub) -> None:
+        self._hub = hub
+
+    def on_result(self, published: PublishedFrame) -> None:
+        source = published.frame.source_id
+        if self._hub.wants(source):
+            self._hub.offer(
+                source,
+                published.frame.image,
+                published.detections,
+                published.class_names,
+                latency_s=published.latency_s,
+            )
+
+    async def aclose(self) -> None:
+        self._hub.close()
+
+
+class _Lane:
+    """One source and its queue, and whether the source may be restarted after a failure."""
+
+    def __init__(self, source: Source, queue: FrameQueue, restartable: bool) -> None:
+        self.source = source
+        self.queue = queue
+        self.restartable = restartable
+
+    async def run(self) -> None:
+        try:
+            await self.source.run(self.queue)
+        except Exception:
+            if self.restartable:
+                self.queue.reopen()  # same step as the source's close: the batcher never sees it end
+            raise
+
+
+def _restartable(config: object) -> bool:
+    """Live inputs start again after a failure; a finite file would be read again from its start."""
+    if isinstance(config, VideoSourceConfig):
+        return config.is_live or config.loop
+    if isinstance(config, ImageFolderSourceConfig):
+        return config.loop
+    return True  # MQTT: unacknowledged frames are delivered again, nothing is read twice
+
 
 class Worker:
-    """One running pipeline.
+    """One pipeline, built with every stage; ``run()`` runs it until it stops and returns the exit code.
+
+    Build it with ``await Worker.create(config)``, which loads the workflow's models first.
 
     Args:
         config: the validated pipeline file.
-        models_dir: overrides the pipeline's ``model.models_dir``.
+        workflow: its validated workflow.
+        runner: the workflow's runner, models loaded.
+        model_pool: the pool ``runner`` runs in (``inference_threads`` threads); the worker shuts it down.
         metrics: a ``Metrics`` to report into (default: a new one with its own registry).
         extra_sinks: sinks added to the configured ones (tests, embedding).
     """
@@ -61,40 +127,116 @@ class Worker:
     def __init__(
         self,
         config: PipelineConfig,
+        workflow: WorkflowDefinition,
+        runner: WorkflowRunner,
+        model_pool: BlockingPool,
         *,
-        models_dir: Path | None = None,
         metrics: Metrics | None = None,
-        extra_sinks: list[Sink] | None = None,
+        extra_sinks: Sequence[Sink] = (),
     ) -> None:
         self.config = config
         self.name = config.name
-        self.worker_id = make_worker_id(
-            config.name, prefix=config.broker.client_id if config.broker else None
-        )
-        self.workflow = config.workflow
-        self._models_dir = models_dir or config.model.models_dir
+        self.runner = runner
         self.metrics = metrics or Metrics(
             config.name, version=__version__, sources=[s.id for s in config.sources]
         )
         # the broker is a readiness condition through the MQTT sinks (sources show in sources_attached)
         self.health = HealthState(broker_required=any(c.type == "mqtt" for c in config.sinks))
+        self.health.set_model_loaded(True)
         self.preview = PreviewHub(enabled=config.http.preview, max_fps=config.http.preview_fps)
         self.preview.set_sources([s.id for s in config.sources])
         self.summary = RunSummary()
-        self.runner: WorkflowRunner | None = None
-        self.sinks: list[Sink] = []
-        self._extra_sinks = list(extra_sinks or [])
-        self.sources: list[Source] = []
-        self.queues: list[FrameQueue] = []
         self.http_port: int | None = None
-        self._stop = asyncio.Event()
-        self._model_pool = BlockingPool("model", config.inference_threads)
-        self._decode_pool = BlockingPool("decode", 2)
-        self._recorder: AnnotatedVideoWriter | None = None
-        self._primary_step = self.workflow.steps[0].name
         self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._model_pool = model_pool
+        self._decode_pool = BlockingPool("decode", 2)
+        self._grace_s = config.shutdown_grace_s
+        self._deadline = 0.0  # of the stop sequence, once it began (monotonic)
 
-    # ------------------------------------------------------------------------------------- control
+        sinks = [
+            build_sink(c, pipeline=self.name, broker=config.broker, telemetry=self.metrics)
+            for c in config.sinks
+        ]
+        self.recorder = self._build_recorder()
+        observers: list[ResultObserver] = [self.summary, _PreviewObserver(self.preview)]
+        gates: list[Gate] = []
+        if self.recorder is not None:
+            observers.append(self.recorder)
+            gates.append(self.recorder.gate)
+        self.publisher = Publisher(
+            self.name,
+            [*sinks, *extra_sinks],
+            telemetry=self.metrics,
+            summary=self.summary,
+            primary_step=workflow.steps[0].name,
+            class_names={mid: tuple(m.class_names) for mid, m in runner.models.items()},
+            observers=observers,
+            gates=gates,
+        )
+        self.worker_id = _worker_id(config)
+
+        ready = asyncio.Event()
+        self._lanes: list[_Lane] = []
+        for cfg in config.sources:
+            queue = FrameQueue(cfg.id, cfg.queue_size, cfg.policy or "latest", self.metrics, ready)
+            source = build_source(
+                cfg,
+                telemetry=self.metrics,
+                on_error=self.publisher.report_soon,
+                pipeline=self.name,
+                broker=config.broker,
+                decode_pool=self._decode_pool,
+            )
+            self._lanes.append(_Lane(source, queue, _restartable(cfg)))
+        self.inference = InferenceLoop(
+            Batcher(
+                [lane.queue for lane in self._lanes],
+                ready,
+                config.batching.max_batch_size,
+                config.batching.max_wait_ms,
+            ),
+            runner.run_batch,
+            model_pool,
+            config.inference_threads,
+            self.publisher.publish_batch,
+            on_waiting=self.health.batcher_waiting,
+            on_progress=self.health.batcher_progress,
+        )
+        self.control = self._build_control()
+
+    @classmethod
+    async def create(
+        cls,
+        config: PipelineConfig,
+        *,
+        models_dir: Path | None = None,
+        metrics: Metrics | None = None,
+        extra_sinks: Sequence[Sink] = (),
+    ) -> Worker:
+        """Validate the workflow, load its models (in the model pool), build the worker.
+
+        Raises:
+            ConfigError: the workflow or the pipeline's settings are invalid.
+            ModelError: a model cannot be found or loaded.
+        """
+        workflow = load_workflow(config.workflow)
+        if config.broker_required and not any(c.type == "mqtt" for c in config.sinks):
+            raise ConfigError("broker_required needs an mqtt sink", field="broker_required")
+        limit_blas_threads(config.blas_threads)
+        pool = BlockingPool("model", config.inference_threads)
+        try:
+            dirs = default_models_dirs(models_dir or config.model.models_dir)
+            options = config.model.backend_options()
+            runner = await pool.run(WorkflowRunner, workflow, ModelRegistry(dirs), backend_options=options)
+            return cls(config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks)
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return self.publisher.sinks
 
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM/SIGINT): not ready at once, then drain and exit."""
@@ -105,38 +247,64 @@ class Worker:
 
     # ------------------------------------------------------------------------------------- building
 
-    def _build_runner(self) -> WorkflowRunner:
-        dirs = default_models_dirs(self._models_dir)
-        options = self.config.model.backend_options()
-        return WorkflowRunner(self.workflow, ModelRegistry(dirs), backend_options=options)
+    def _build_recorder(self) -> AnnotatedVideo | None:
+        video = self.config.annotated_video
+        if video is None:
+            return None
+        source = video.source or self.config.sources[0].id
+        model = next(iter(self.runner.models.values()))
+        policy = next((s.policy for s in self.config.sources if s.id == source), None)
+        writer = AnnotatedVideoWriter(video.path, video.fps, model.class_names)
+        pool = BlockingPool("recorder", 1)
+        return AnnotatedVideo(writer, source, waits=policy == "every_frame", pool=pool)
 
-    def _on_source_error(self, report: ErrorReport) -> None:
-        """Called on the loop by sources for each bad payload or outage."""
-        self.summary.errors[report.reason] += 1
-        self._publish_error_soon(report)
+    def _build_control(self) -> ControlListener | None:
+        if self.config.broker is None or not self.config.control.enabled:
+            return None
+        runner = self.runner
+        return ControlListener(
+            self.config.broker,
+            self.config.control.topic.format(pipeline=self.name),
+            runner.set_runtime_inputs,
+            lambda: runner.runtime_inputs,
+            lambda message: self.publisher.report_soon(
+                ErrorReport(self.name, "control", "bad_control", message)
+            ),
+            self.metrics,
+            self.worker_id,
+        )
 
-    def _publish_error_soon(self, report: ErrorReport) -> None:
-        for sink in self.sinks:
-            task = asyncio.get_running_loop().create_task(self._publish_error(sink, report))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _publish_error(self, sink: Sink, report: ErrorReport) -> None:
-        try:
-            await sink.publish_error(report)
-        except SegstreamError as exc:
-            log.error("sink %s refused an error report: %s", sink.name, exc)
-            self.metrics.publish_error("sink_refused")
+    def _backoff(self) -> Backoff:
+        broker = self.config.broker
+        if broker is None:
+            return Backoff(_RESTART_MIN_S, _RESTART_MAX_S)
+        return Backoff(broker.reconnect_min_s, max(broker.reconnect_min_s, broker.reconnect_max_s))
 
     # ------------------------------------------------------------------------------------- running
 
     async def run(self) -> int:
-        """Run until the inputs end or a stop is requested; returns the exit code."""
-        self._background: set[asyncio.Task[Any]] = set()
-        loop = asyncio.get_running_loop()
-        limit_blas_threads(self.config.blas_threads)
-        self.runner = await loop.run_in_executor(None, self._build_runner)
-        self.health.set_model_loaded(True)
+        """Run until the inputs end, a stop is requested or a stage fails for good; the exit code."""
+        try:
+            code = await self._run()
+        except SegstreamError as exc:  # start-up: a sink, the broker, the HTTP port ...
+            log.error("%s", exc)
+            code = EXIT_FAILED
+        except Exception as exc:
+            while isinstance(exc, ExceptionGroup) and exc.exceptions:
+                exc = exc.exceptions[0]  # a TaskGroup's: the first is the cause
+            log.error("worker failed: %s", describe_exception(exc))
+            log.debug("worker failed", exc_info=exc)
+            code = EXIT_FAILED
+        finally:
+            self._model_pool.shutdown(wait=False)
+            self._decode_pool.shutdown(wait=False)
+        self._log_totals(code)
+        if self.config.print_summary:
+            print(self.summary.render(), file=sys.stderr, flush=True)
+        return code
+
+    async def _run(self) -> int:
+        undelivered: list[int] = []
         async with AsyncExitStack() as stack:
             if self.config.http.enabled:
                 app = build_app(self.metrics, self.health, self.preview)
@@ -144,98 +312,117 @@ class Worker:
                     HttpServer(app, self.config.http.host, self.config.http.port)
                 )
                 self.http_port = server.port
-            heartbeat = loop.create_task(
-                self.health.heartbeat(on_lag=self.metrics.loop_lag), name="health.heartbeat"
+            await self.publisher.start(close_timeout=self._grace_s)
+            stack.push_async_callback(self._close_publisher, undelivered)
+            self.health.set_broker_probe(self.publisher.broker_connected)
+            await self._require_broker()
+            supervisor = Supervisor(
+                self._stop, backoff=self._backoff, on_failure=lambda _: self.metrics.error("stage_failed")
             )
-            self.sinks = [
-                build_sink(
-                    c,
-                    pipeline=self.name,
-                    broker=self.config.broker,
-                    telemetry=self.metrics,
-                    worker_id=self.worker_id,
-                )
-                for c in self.config.sinks
-            ] + self._extra_sinks
-            for sink in self.sinks:
-                await sink.start()
-            self._probe_broker()
-            control = self._start_control(loop)
-            self._start_recorder()
-            ready = asyncio.Event()
-            source_tasks: list[asyncio.Task[None]] = []
-            for cfg in self.config.sources:
-                queue = FrameQueue(cfg.id, cfg.queue_size, cfg.policy or "latest", self.metrics, ready)
-                source = build_source(
-                    cfg,
-                    telemetry=self.metrics,
-                    on_error=self._on_source_error,
-                    pipeline=self.name,
-                    broker=self.config.broker,
-                    decode_pool=self._decode_pool,
-                    worker_id=self.worker_id,
-                )
-                self.queues.append(queue)
-                self.sources.append(source)
-                self.health.source_attached(cfg.id, True)
-                source_tasks.append(loop.create_task(source.run(queue), name=f"source[{cfg.id}]"))
-            self.started.set()
-            batch_task = loop.create_task(self._batch_loop(ready), name="batcher")
-            stop_wait = loop.create_task(self._stop.wait(), name="stop.wait")
-            await asyncio.wait([batch_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            code = await self._shutdown(batch_task, source_tasks)
-            for task in (stop_wait, heartbeat, *([control] if control else [])):
-                task.cancel()
-            for task in (stop_wait, heartbeat, *([control] if control else [])):
-                with suppress(asyncio.CancelledError):
-                    await task
-        self._model_pool.shutdown(wait=False)
-        self._decode_pool.shutdown(wait=False)
-        self.preview.close()
-        self._log_totals(code)
-        if self.config.print_summary:
-            print(self.summary.render(), file=sys.stderr, flush=True)
-        return code
+            async with supervisor:
+                tasks = self._start_stages(supervisor)
+                self.started.set()
+                await self._stop.wait()
+                finished = await self._drain(supervisor, tasks)
+        if supervisor.failures:
+            return EXIT_FAILED
+        if not finished or sum(undelivered):
+            return EXIT_UNDELIVERED
+        return EXIT_OK
 
-    async def _shutdown(self, batch_task: asyncio.Task[None], source_tasks: list[asyncio.Task[None]]) -> int:
-        deadline = time.monotonic() + self.config.shutdown_grace_s
-        self.health.begin_shutdown()
-        for source in self.sources:
-            with suppress(Exception):
-                await asyncio.wait_for(source.stop(), timeout=max(0.1, deadline - time.monotonic()))
-        for task in source_tasks:
-            try:
-                await asyncio.wait_for(task, timeout=max(0.1, deadline - time.monotonic()))
-            except (TimeoutError, asyncio.CancelledError):
-                log.warning("source task %s did not stop in time", task.get_name())
-            except Exception:
-                log.exception("source task %s failed", task.get_name())
-        for queue in self.queues:
-            queue.close()
-        code = 0
-        try:
-            await asyncio.wait_for(batch_task, timeout=max(0.1, deadline - time.monotonic() - 1.0))
-        except TimeoutError:
-            log.error("in-flight frames not finished within the grace time; exiting anyway")
-            code = 1
-        if self._background:
-            await asyncio.wait(self._background, timeout=max(0.1, deadline - time.monotonic()))
-        undelivered = 0
-        for sink in self.sinks:
-            undelivered += await sink.close(max(0.5, deadline - time.monotonic()))
-        if undelivered:
-            log.error("%d messages could not be delivered before exit", undelivered)
-        if self._recorder is not None:
-            recorder = self._recorder
-            await asyncio.get_running_loop().run_in_executor(None, recorder.close)
-            self.summary.annotated = (str(recorder.path), recorder.written, recorder.skipped)
-            if recorder.skipped:
+    async def _close_publisher(self, undelivered: list[int]) -> None:
+        deadline = self._deadline or time.monotonic() + self._grace_s
+        undelivered.append(await self.publisher.aclose(max(0.5, deadline - time.monotonic())))
+        if self.recorder is not None:
+            writer = self.recorder.writer
+            self.summary.annotated = (str(writer.path), writer.written, writer.skipped)
+            if writer.skipped:
                 log.warning(
                     "annotated video %s: %d frames skipped (the writer fell behind)",
-                    recorder.path,
-                    recorder.skipped,
+                    writer.path,
+                    writer.skipped,
                 )
-        return code
+
+    async def _require_broker(self) -> None:
+        """``broker_required``: every MQTT sink connected within ``broker.connect_timeout``, else fail."""
+        if not self.config.broker_required or self.config.broker is None:
+            return
+        timeout = self.config.broker.connect_timeout
+        sinks = [s for s in self.publisher.sinks if isinstance(s, MqttSink)]
+        connected = await asyncio.gather(*(s.wait_connected(timeout) for s in sinks))
+        if not all(connected):
+            raise SinkError(
+                f"broker {self.config.broker.describe()} not reachable within {timeout:g} s "
+                "(broker_required: true)"
+            )
+
+    def _start_stages(self, supervisor: Supervisor) -> _Stages:
+        supervisor.background("health.heartbeat", lambda: self.health.heartbeat(on_lag=self.metrics.loop_lag))
+        control = None
+        if self.control is not None:
+            control = supervisor.restartable(
+                "control",
+                self.control.run,
+                on_up=lambda: self.health.stage_alive("control", True),
+                on_down=lambda: self.health.stage_alive("control", False),
+            )
+        sources = [self._start_lane(supervisor, lane) for lane in self._lanes]
+        inference = supervisor.critical(
+            "inference", self._infer, on_down=lambda: self.health.stage_alive("inference", False)
+        )
+        return _Stages(control, sources, inference)
+
+    def _start_lane(self, supervisor: Supervisor, lane: _Lane) -> asyncio.Task[None]:
+        sid = lane.source.source_id
+        name = f"source[{sid}]"
+        if lane.restartable:
+            return supervisor.restartable(
+                name,
+                lane.run,
+                on_up=lambda: self.health.source_attached(sid, True),
+                on_down=lambda: self.health.source_attached(sid, False),
+            )
+        self.health.source_attached(sid, True)
+        return supervisor.critical(name, lane.run, on_down=lambda: self.health.source_attached(sid, False))
+
+    async def _infer(self) -> None:
+        await self.inference.run()
+        self._stop.set()  # every input ended and every frame was published
+
+    async def _drain(self, supervisor: Supervisor, stages: _Stages) -> bool:
+        """The stop sequence up to the sinks; False when frames were left unfinished at the deadline."""
+        self._deadline = time.monotonic() + self._grace_s
+        self.health.begin_shutdown()
+        for lane in self._lanes:
+            with suppress(Exception):
+                await asyncio.wait_for(lane.source.stop(), timeout=self._left(0.1))
+        await _finish(stages.sources, self._left(0.1), "source task %s did not stop in time")
+        for lane in self._lanes:
+            lane.queue.close()
+        finished = await _finish([stages.inference], self._left(0.1, reserve=1.0), "")
+        if not finished:
+            log.error("in-flight frames not finished within the grace time; exiting anyway")
+        if supervisor.failures or not finished:
+            await self._report_unanswered()
+        if stages.control is not None:
+            stages.control.cancel()
+        return finished
+
+    async def _report_unanswered(self) -> None:
+        """After a failure: each frame that will get no result gets an error report instead."""
+        await self.publisher.report_unprocessed(
+            self.inference.unanswered(), "inference_error", "the worker stopped before this frame's result"
+        )
+        left = []
+        for lane in self._lanes:
+            while (frame := lane.queue.get_nowait()) is not None:
+                left.append(frame)
+        await self.publisher.report_unprocessed(
+            left, "shutdown_undelivered", "the worker stopped before processing this frame"
+        )
+
+    def _left(self, floor: float, reserve: float = 0.0) -> float:
+        return max(floor, self._deadline - time.monotonic() - reserve)
 
     def _log_totals(self, code: int) -> None:
         """One final line per source (frames received = processed + dropped when nothing was lost)."""
@@ -249,126 +436,38 @@ class Worker:
             )
         log.info("worker stopped (exit code %d)", code)
 
-    def _start_control(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None] | None:
-        if self.config.broker is None or not self.config.control.enabled:
-            return None
-        assert self.runner is not None
-        listener = ControlListener(
-            self.config.broker,
-            self.config.control.topic.format(pipeline=self.name),
-            self.runner.set_runtime_inputs,
-            lambda: self.runner.runtime_inputs if self.runner else {},
-            lambda message: self._publish_error_soon(
-                ErrorReport(self.name, "control", "bad_control", message)
-            ),
-            self.metrics,
-            self.worker_id,
-        )
-        self.control = listener
-        return loop.create_task(listener.run(), name="control")
 
-    def _start_recorder(self) -> None:
-        video = self.config.annotated_video
-        if video is None or self.runner is None:
-            return
-        source = video.source or self.config.sources[0].id
-        model = next(iter(self.runner.models.values()))
-        self._recorder = AnnotatedVideoWriter(video.path, video.fps, model.class_names)
-        self._recorder_source = source
-        policy = next((s.policy for s in self.config.sources if s.id == source), None)
-        self._recorder_waits = policy == "every_frame"
+class _Stages:
+    """The supervised tasks the stop sequence waits for (the heartbeat is cancelled by the supervisor)."""
 
-    def _probe_broker(self) -> None:
-        """Readiness reads the MQTT sinks' connection state when it is asked (connected: any sink)."""
-        sinks = [s for s in self.sinks if hasattr(s, "connected")]
-        self.health.set_broker_probe(lambda: any(bool(s.connected) for s in sinks))
+    def __init__(
+        self,
+        control: asyncio.Task[None] | None,
+        sources: list[asyncio.Task[None]],
+        inference: asyncio.Task[None],
+    ) -> None:
+        self.control = control
+        self.sources = sources
+        self.inference = inference
 
-    async def _batch_loop(self, ready: asyncio.Event) -> None:
-        """Gather batches and keep up to ``inference_threads`` in the model pool; publish in order."""
-        assert self.runner is not None
-        runner = self.runner
-        batcher = Batcher(
-            self.queues, ready, self.config.batching.max_batch_size, self.config.batching.max_wait_ms
-        )
-        inflight: asyncio.Queue[asyncio.Future[BatchResult] | None] = asyncio.Queue(
-            self.config.inference_threads
-        )
-        publisher = asyncio.get_running_loop().create_task(self._publish_loop(inflight), name="publisher")
-        try:
-            while True:
-                self.health.batcher_waiting()
-                batch = await batcher.next_batch()
-                if not batch:
-                    break
-                self.health.batcher_progress()
-                future = asyncio.ensure_future(self._model_pool.run(runner.run_batch, batch))
-                await inflight.put(future)
-        finally:
-            await inflight.put(None)
-            await publisher
 
-    async def _publish_loop(self, inflight: asyncio.Queue[asyncio.Future[BatchResult] | None]) -> None:
-        assert self.runner is not None
-        class_names = {mid: m.class_names for mid, m in self.runner.models.items()}
-        while (future := await inflight.get()) is not None:
-            result = await future
-            self.health.batcher_progress()
-            self.metrics.batch_done(len(result.outcomes), result.model_seconds, result.postprocess_seconds)
-            self.summary.batches += 1
-            self.summary.model_seconds += result.model_seconds
-            self.summary.postprocess_seconds += result.postprocess_seconds
-            for outcome in result.outcomes:
-                await self._publish_outcome(outcome, class_names)
-            for sink in self.sinks:
-                await sink.flush()
+async def _finish(tasks: Sequence[asyncio.Task[None]], timeout: float, late: str) -> bool:  # noqa: ASYNC109
+    """Wait up to ``timeout`` s for ``tasks``; cancel (and log with ``late``) those still running."""
+    if not tasks:
+        return True
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        if late:
+            log.warning(late, task.get_name())
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    return not pending
 
-    async def _publish_outcome(self, outcome: Any, class_names: dict[str, tuple[str, ...]]) -> None:
-        frame: Frame = outcome.frame
-        source = frame.source_id
-        if outcome.error is not None:
-            reason = outcome.error.reason
-            self.metrics.frame_dropped(source, reason)
-            self.summary.errors[reason] += 1
-            report = ErrorReport(
-                self.name, source, reason, str(outcome.error), frame.frame_id, frame.frame_number
-            )
-            for sink in self.sinks:
-                await self._publish_error(sink, report)
-            return
-        result = FrameResult(
-            pipeline=self.name,
-            source_id=source,
-            frame_number=frame.frame_number,
-            frame_id=frame.frame_id,
-            timestamp=frame.timestamp,
-            step=self._primary_step,
-            inference_id=outcome.inference_id,
-            model_id=outcome.model_id,
-            outputs=outcome.outputs,
-        )
-        for sink in self.sinks:
-            try:
-                await sink.publish_result(result)
-            except SegstreamError as exc:
-                log.error("sink %s refused a result of %s: %s", sink.name, frame.frame_id, exc)
-                self.metrics.publish_error("sink_refused")
-        latency = max(0.0, time.time() - frame.timestamp)
-        self.metrics.frames_processed(source)
-        self.metrics.e2e_latency(source, latency)
-        self.summary.frames[source] += 1
-        detections = outcome.detections.get(self._primary_step)
-        names = class_names.get(outcome.model_id or "", ())
-        if detections is not None:
-            self.summary.add_detections(detections, names)
-        if self.preview.wants(source):
-            self.preview.offer(source, frame.image, detections, names, latency_s=latency)
-        if self._recorder is not None and source == self._recorder_source:
-            recorder = self._recorder
-            if not self._recorder_waits:
-                recorder.offer(frame.image, detections)
-            elif not recorder.try_put(frame.image, detections):
-                # every_frame: the video waits for its writer, like the sinks (a thread hop only then)
-                await asyncio.to_thread(recorder.put, frame.image, detections)
+
+def _worker_id(config: PipelineConfig) -> str:
+    prefix = config.broker.client_id if config.broker and config.broker.client_id else "segstream"
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def _install_signal_handlers(worker: Worker) -> Callable[[], None]:
@@ -387,8 +486,12 @@ def _install_signal_handlers(worker: Worker) -> Callable[[], None]:
 
 
 async def run_worker(config: PipelineConfig, *, models_dir: Path | None = None) -> int:
-    """Run one pipeline in the current event loop with signal handling."""
-    worker = Worker(config, models_dir=models_dir)
+    """Build and run one pipeline in the current event loop with signal handling; the exit code."""
+    try:
+        worker = await Worker.create(config, models_dir=models_dir)
+    except SegstreamError as exc:
+        log.error("%s", _one_line(exc))
+        return EXIT_FAILED
     remove = _install_signal_handlers(worker)
     try:
         return await worker.run()
@@ -401,13 +504,13 @@ def run_pipeline_file(path: str | Path, *, models_dir: Path | None = None) -> in
     try:
         config = load_pipeline(path)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     secrets = [p for p in [config.broker.resolved_password() if config.broker else None] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)
-    try:
-        return asyncio.run(run_worker(config, models_dir=models_dir))
-    except SegstreamError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return asyncio.run(run_worker(config, models_dir=models_dir))
+
+
+def _one_line(exc: BaseException) -> str:
+    """A multi-line message (a validation error per field) as one line."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())

@@ -193,7 +193,7 @@ async def running(worker: Worker, *, ready: bool = True) -> AsyncIterator[asynci
         mqtt_sources = [s.id for s in worker.config.sources if s.type == "mqtt"]
         if not all(snapshot.get(s) and snapshot[s].connected for s in mqtt_sources):
             return False
-        control = getattr(worker, "control", None)
+        control = worker.control
         return control is None or control.subscribed.is_set()
 
     try:

@@ -52,7 +52,7 @@ async def test_the_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.Captu
     doc["sinks"] = [{"type": "jsonl", "path": str(tmp_path / "predictions.jsonl")}]
     doc["annotated_video"]["path"] = str(tmp_path / "annotated.mp4")
     doc["http"] = {**doc["http"], "port": 0}
-    worker = Worker(PipelineConfig.model_validate(doc))
+    worker = await Worker.create(PipelineConfig.model_validate(doc))
     task = asyncio.create_task(worker.run())
     scrapes: list[list[tuple[str, dict[str, str], float]]] = []
     while not task.done():

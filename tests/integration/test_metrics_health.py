@@ -54,8 +54,8 @@ async def test_metrics_and_probes_through_a_run(
         broker=mosquitto,
         models_dir=models_dir,
     )
-    worker = Worker(config)
-    assert not worker.health.readiness().ok  # starting: no model, no source yet
+    worker = await Worker.create(config)
+    assert not worker.health.readiness().ok  # starting: no source yet
     mosquitto.stop()  # the broker is not there when the worker starts
     task = asyncio.create_task(worker.run())
     try:

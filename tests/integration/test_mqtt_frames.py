@@ -22,7 +22,7 @@ from worker.runtime import Worker
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def _mqtt_pipeline(
+async def _mqtt_pipeline(
     name: str, mosquitto: MosquittoBroker, models_dir: Path, frames_topic: str, **source: Any
 ) -> Worker:
     config = pipeline_config(
@@ -32,7 +32,7 @@ def _mqtt_pipeline(
         broker=mosquitto,
         models_dir=models_dir,
     )
-    return Worker(config)
+    return await Worker.create(config)
 
 
 def _by_frame_id(messages: list[Received]) -> dict[str, dict[str, Any]]:
@@ -47,7 +47,7 @@ async def test_jpeg_and_json_frames_give_predictions_with_ids_timestamps_and_rle
     mosquitto: MosquittoBroker, broker_config: BrokerConfig, models_dir: Path, unique_topic: str
 ) -> None:
     frames_topic = f"{unique_topic}/frames"
-    worker = _mqtt_pipeline("line1", mosquitto, models_dir, frames_topic)
+    worker = await _mqtt_pipeline("line1", mosquitto, models_dir, frames_topic)
     out_topic = "plant/line1/cam1/seg/predictions"
     async with (
         Collector(broker_config, "plant/#", identifier="results", persistent=False) as results,
@@ -96,7 +96,7 @@ async def test_parameters_per_message_and_on_the_control_topic(
     mosquitto: MosquittoBroker, broker_config: BrokerConfig, models_dir: Path, unique_topic: str
 ) -> None:
     frames_topic = f"{unique_topic}/frames"
-    worker = _mqtt_pipeline("line2", mosquitto, models_dir, frames_topic)
+    worker = await _mqtt_pipeline("line2", mosquitto, models_dir, frames_topic)
     out_topic = "plant/line2/cam1/seg/predictions"
     control_topic = "segstream/line2/control"
     sent = 0
@@ -142,7 +142,7 @@ async def test_parameters_per_message_and_on_the_control_topic(
         reports = [m.json() for m in seen.on("segstream/line2/errors")[errors_before:]]
         assert [r["reason"] for r in reports] == ["bad_control"] * 3
         assert "confidence" in reports[0]["error"] and "no_such_input" in reports[1]["error"]
-        assert worker.runner is not None and worker.runner.runtime_inputs == {"confidence": 0.7}
+        assert worker.runner.runtime_inputs == {"confidence": 0.7}
         assert await frame() == ["bolt"]  # nothing changed
     assert [m.json()["ok"] for m in seen.on(f"{control_topic}/result")] == [True, False, False, False]
 
@@ -151,7 +151,7 @@ async def test_each_bad_payload_gives_one_error_and_the_next_frame_goes_on(
     mosquitto: MosquittoBroker, broker_config: BrokerConfig, models_dir: Path, unique_topic: str
 ) -> None:
     frames_topic = f"{unique_topic}/frames"
-    worker = _mqtt_pipeline("line3", mosquitto, models_dir, frames_topic, max_payload_bytes=64 * 1024)
+    worker = await _mqtt_pipeline("line3", mosquitto, models_dir, frames_topic, max_payload_bytes=64 * 1024)
     out_topic = "plant/line3/cam1/seg/predictions"
     error_topic = "segstream/line3/errors"
     good = jpeg_bytes(5)

@@ -36,7 +36,7 @@ async def test_two_workers_in_one_shared_group_split_the_frames_exactly_once(
         )
         # replicas differ by client id prefix (in a cluster: the pod's host name does it)
         broker = config.broker.model_copy(update={"client_id": f"replica-{replica}"})  # type: ignore[union-attr]
-        workers.append(Worker(config.model_copy(update={"broker": broker})))
+        workers.append(await Worker.create(config.model_copy(update={"broker": broker})))
     count = 60
     async with (
         Collector(broker_config, "segstream/shared/+/predictions", identifier="results") as results,
@@ -76,7 +76,7 @@ async def test_broker_restart_mid_stream_loses_no_prediction(
         broker=broker,
         models_dir=models_dir,
     )
-    worker = Worker(config)
+    worker = await Worker.create(config)
     outbox_while_down: list[int] = []
     try:
         async with (

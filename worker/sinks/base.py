@@ -34,6 +34,10 @@ class Sink(Protocol):
 
     name: str
 
+    @property
+    def connected(self) -> bool | None:
+        """Whether the sink's remote service (a broker) is connected; None for sinks without one."""
+
     async def start(self) -> None:
         """Get ready to accept messages (must not wait for a remote service to be up)."""
 
@@ -55,7 +59,11 @@ class Sink(Protocol):
 
 
 class SinkContextMixin:
-    """``async with sink:`` = ``start()`` ... ``close()``."""
+    """``async with sink:`` = ``start()`` ... ``close()``; ``connected`` None (no remote service)."""
+
+    @property
+    def connected(self) -> bool | None:
+        return None
 
     async def start(self) -> None:
         raise NotImplementedError
