@@ -67,6 +67,12 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self._next = 0  # index of the queue served first in the next round
+        self._gathering: list[Frame] = []  # the batch ``next_batch`` is filling now
+
+    @property
+    def gathering(self) -> list[Frame]:
+        """Frames taken for the batch being filled (still there if ``next_batch`` was cancelled)."""
+        return list(self._gathering)
 
     @property
     def exhausted(self) -> bool:
@@ -102,13 +108,14 @@ class Batcher:
             queue is exhausted (closed and empty).
         """
         batch: list[Frame] = []
+        self._gathering = batch
         deadline: float | None = None
         while True:
             # clear before looking: a put that happens after the look sets the event again
             self._ready.clear()
             self._take(batch)
             if len(batch) >= self.max_batch_size or self.exhausted:
-                return batch
+                return self._done(batch)
             if not batch:
                 await self._ready.wait()
                 continue
@@ -118,13 +125,17 @@ class Batcher:
                 deadline = first_arrival + self.max_wait_s
             remaining = deadline - now
             if remaining <= 0:
-                return batch
+                return self._done(batch)
             try:
                 async with asyncio.timeout(remaining):
                     await self._ready.wait()
             except TimeoutError:
                 self._take(batch)  # whatever arrived at the last moment, still bounded by the size
-                return batch
+                return self._done(batch)
+
+    def _done(self, batch: list[Frame]) -> list[Frame]:
+        self._gathering = []
+        return batch
 
     def __aiter__(self) -> AsyncIterator[list[Frame]]:
         return self

@@ -58,7 +58,7 @@ class InferenceLoop:
 
     def unanswered(self) -> list[Frame]:
         """Frames taken from the queues whose batch was not handed on (after a failure)."""
-        return [frame for batch in self._taken for frame in batch]
+        return [frame for batch in self._taken for frame in batch] + self._batcher.gathering
 
     async def run(self) -> None:
         """Until the batcher is exhausted and every batch was delivered; raises what failed."""

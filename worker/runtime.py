@@ -31,6 +31,7 @@ from worker.concurrency import BlockingPool, limit_blas_threads
 from worker.config import PipelineConfig, load_pipeline
 from worker.control import ControlListener
 from worker.errors import ConfigError, SegstreamError, SinkError
+from worker.frame import Frame
 from worker.http_server import HealthState, HttpServer, build_app
 from worker.inference import InferenceLoop
 from worker.logging_setup import configure_logging
@@ -312,7 +313,7 @@ class Worker:
                     HttpServer(app, self.config.http.host, self.config.http.port)
                 )
                 self.http_port = server.port
-            await self.publisher.start(close_timeout=self._grace_s)
+            await self.publisher.start(close_timeout=min(self._grace_s, 2.0))  # nothing to deliver yet
             stack.push_async_callback(self._close_publisher, undelivered)
             self.health.set_broker_probe(self.publisher.broker_connected)
             await self._require_broker()
@@ -413,10 +414,14 @@ class Worker:
         await self.publisher.report_unprocessed(
             self.inference.unanswered(), "inference_error", "the worker stopped before this frame's result"
         )
-        left = []
-        for lane in self._lanes:
-            while (frame := lane.queue.get_nowait()) is not None:
-                left.append(frame)
+        left: list[Frame] = []
+        while True:
+            for lane in self._lanes:
+                while (frame := lane.queue.get_nowait()) is not None:
+                    left.append(frame)
+            if all(lane.queue.exhausted for lane in self._lanes) or self._left(0.0) == 0.0:
+                break
+            await asyncio.sleep(0.01)  # a put that waited for room adds its frame when it runs
         await self.publisher.report_unprocessed(
             left, "shutdown_undelivered", "the worker stopped before processing this frame"
         )
