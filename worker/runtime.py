@@ -518,4 +518,7 @@ def run_pipeline_file(path: str | Path, *, models_dir: Path | None = None) -> in
 
 def _one_line(exc: BaseException) -> str:
     """A multi-line message (a validation error per field) as one line."""
-    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    text = ""
+    for part in filter(None, (line.strip() for line in str(exc).splitlines())):
+        text += ("" if not text else " " if text.endswith(":") else "; ") + part
+    return text
