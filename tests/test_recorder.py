@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -9,7 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.recorder import AnnotatedVideoWriter, RunSummary
+from worker.concurrency import BlockingPool
+from worker.frame import Frame
+from worker.messages import FrameResult
+from worker.publisher import PublishedFrame
+from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
 from worker.step.detections import Detections, MaskCrops
 
 NAMES = ("nut", "washer", "bolt")
@@ -126,3 +131,53 @@ def test_put_waits_for_room_instead_of_skipping(
     putter.join(10)
     writer.close()
     assert (writer.written, writer.skipped) == (5, 0)
+
+
+def _published(image: np.ndarray, source: str = "belt", n: int = 0) -> PublishedFrame:
+    frame = Frame(source, n, 0.0, image)
+    result = FrameResult("p", source, n, frame.frame_id, 0.0, "seg", None, None, {})
+    return PublishedFrame(frame, result, None, NAMES, 0.0)
+
+
+async def test_annotated_video_of_an_every_frame_source_waits_for_the_writer(
+    held_writer: tuple[AnnotatedVideoWriter, threading.Event],
+) -> None:
+    writer, gate = held_writer  # room for 2 frames, not writing yet
+    video = AnnotatedVideo(writer, "belt", waits=True, pool=BlockingPool("recorder", 1))
+    image = np.zeros((48, 64, 3), np.uint8)
+
+    async def publish() -> None:
+        for n in range(5):
+            await video.gate()  # what the publisher does before each result
+            video.on_result(_published(image, n=n))
+            video.on_result(_published(image, source="other", n=n))  # not recorded
+
+    feeding = asyncio.create_task(publish())
+    gate.set()  # the writer starts; whatever the interleaving, no frame may be skipped
+    await feeding
+    await video.aclose()
+    assert (writer.written, writer.skipped) == (5, 0)
+
+
+async def test_annotated_video_of_a_live_source_skips_when_the_writer_is_behind(
+    held_writer: tuple[AnnotatedVideoWriter, threading.Event],
+) -> None:
+    writer, gate = held_writer
+    video = AnnotatedVideo(writer, "belt", waits=False, pool=BlockingPool("recorder", 1))
+    image = np.zeros((48, 64, 3), np.uint8)
+    for n in range(5):
+        await video.gate()
+        video.on_result(_published(image, n=n))
+    gate.set()
+    await video.aclose()
+    assert (writer.written, writer.skipped) == (2, 3)
+
+
+def test_summary_counts_published_frames_per_source() -> None:
+    summary = RunSummary()
+    image = np.zeros((4, 4, 3), np.uint8)
+    for source in ("a", "b", "a"):
+        summary.on_result(_published(image, source=source))
+    summary.add_batch(0.5, 0.25)
+    assert summary.frames == {"a": 2, "b": 1}
+    assert (summary.batches, summary.model_seconds, summary.postprocess_seconds) == (1, 0.5, 0.25)
