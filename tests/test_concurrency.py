@@ -55,8 +55,10 @@ def test_pipeline_default_is_one_blas_thread() -> None:
 
 async def test_pool_runs_blocking_calls_off_the_loop_and_is_bounded() -> None:
     pool = BlockingPool("test", 2)
+    loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     gate = threading.Event()
+    two_running = asyncio.Event()
     running = 0
     peak = 0
     lock = threading.Lock()
@@ -66,13 +68,15 @@ async def test_pool_runs_blocking_calls_off_the_loop_and_is_bounded() -> None:
         with lock:
             running += 1
             peak = max(peak, running)
-        gate.wait(5)
+            if running == 2:
+                loop.call_soon_threadsafe(two_running.set)
+        gate.wait(30)
         with lock:
             running -= 1
         return i, threading.get_ident()
 
     tasks = [asyncio.ensure_future(run_in_pool(pool, work, i)) for i in range(5)]
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(two_running.wait(), timeout=30)  # both threads busy, the rest queued
     gate.set()
     results = await asyncio.gather(*tasks)
     pool.shutdown()
