@@ -109,6 +109,12 @@ class Publisher:
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    def add_observer(self, observer: ResultObserver, *, gate: Gate | None = None) -> None:
+        """Watch the results from now on (and ``gate`` before each); closed after the others."""
+        self._observers = (*self._observers, observer)
+        if gate is not None:
+            self._gates = (*self._gates, gate)
+
     # ------------------------------------------------------------------------------------- life cycle
 
     async def start(self, close_timeout: float = 5.0) -> None:

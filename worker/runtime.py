@@ -39,11 +39,11 @@ from worker.messages import ErrorReport
 from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
 from worker.preview import PreviewHub
-from worker.publisher import Gate, PublishedFrame, Publisher, ResultObserver
+from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
 from worker.sinks import MqttSink, Sink, build_sink
-from worker.sources import Source, build_source
+from worker.sources import Source, SourceConfig, build_source
 from worker.sources.base import Backoff
 from worker.sources.factory import ImageFolderSourceConfig, VideoSourceConfig
 from worker.step.executor import WorkflowRunner
@@ -155,41 +155,13 @@ class Worker:
         self._grace_s = config.shutdown_grace_s
         self._deadline = 0.0  # of the stop sequence, once it began (monotonic)
 
-        sinks = [
-            build_sink(c, pipeline=self.name, broker=config.broker, telemetry=self.metrics)
-            for c in config.sinks
-        ]
-        self.recorder = self._build_recorder()
-        observers: list[ResultObserver] = [self.summary, _PreviewObserver(self.preview)]
-        gates: list[Gate] = []
-        if self.recorder is not None:
-            observers.append(self.recorder)
-            gates.append(self.recorder.gate)
-        self.publisher = Publisher(
-            self.name,
-            [*sinks, *extra_sinks],
-            telemetry=self.metrics,
-            summary=self.summary,
-            primary_step=workflow.steps[0].name,
-            class_names={mid: tuple(m.class_names) for mid, m in runner.models.items()},
-            observers=observers,
-            gates=gates,
-        )
         self.worker_id = _worker_id(config)
-
-        ready = asyncio.Event()
-        self._lanes: list[_Lane] = []
-        for cfg in config.sources:
-            queue = FrameQueue(cfg.id, cfg.queue_size, cfg.policy or "latest", self.metrics, ready)
-            source = build_source(
-                cfg,
-                telemetry=self.metrics,
-                on_error=self.publisher.report_soon,
-                pipeline=self.name,
-                broker=config.broker,
-                decode_pool=self._decode_pool,
-            )
-            self._lanes.append(_Lane(source, queue, _restartable(cfg)))
+        ready = asyncio.Event()  # set by every queue on each put and close: the batcher waits on it
+        self.publisher = self._build_publisher(workflow, extra_sinks)
+        self._lanes = [self._build_lane(cfg, ready) for cfg in config.sources]
+        self.recorder = self._build_recorder()
+        if self.recorder is not None:
+            self.publisher.add_observer(self.recorder, gate=self.recorder.gate)
         self.inference = InferenceLoop(
             Batcher(
                 [lane.queue for lane in self._lanes],
@@ -247,6 +219,33 @@ class Worker:
             self._stop.set()
 
     # ------------------------------------------------------------------------------------- building
+
+    def _build_publisher(self, workflow: WorkflowDefinition, extra_sinks: Sequence[Sink]) -> Publisher:
+        sinks = [
+            build_sink(c, pipeline=self.name, broker=self.config.broker, telemetry=self.metrics)
+            for c in self.config.sinks
+        ]
+        return Publisher(
+            self.name,
+            [*sinks, *extra_sinks],
+            telemetry=self.metrics,
+            summary=self.summary,
+            primary_step=workflow.steps[0].name,
+            class_names={mid: tuple(m.class_names) for mid, m in self.runner.models.items()},
+            observers=[self.summary, _PreviewObserver(self.preview)],
+        )
+
+    def _build_lane(self, cfg: SourceConfig, ready: asyncio.Event) -> _Lane:
+        queue = FrameQueue(cfg.id, cfg.queue_size, cfg.policy or "latest", self.metrics, ready)
+        source = build_source(
+            cfg,
+            telemetry=self.metrics,
+            on_error=self.publisher.report_soon,
+            pipeline=self.name,
+            broker=self.config.broker,
+            decode_pool=self._decode_pool,
+        )
+        return _Lane(source, queue, _restartable(cfg))
 
     def _build_recorder(self) -> AnnotatedVideo | None:
         video = self.config.annotated_video
