@@ -1,4 +1,4 @@
-"""Session-wide fixtures: real services on loopback."""
+"""The root fixtures: real services on loopback, their client settings, per-test topics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mosquitto import MosquittoBroker
+from worker.mqtt import BrokerConfig
 
 
 @pytest.fixture
@@ -19,6 +20,12 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def broker_config(mosquitto: MosquittoBroker) -> BrokerConfig:
+    """Client settings of the test's broker (``mosquitto.config(...)`` for other values)."""
+    return mosquitto.config()
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from tests.support.mosquitto import MosquittoBroker
 from worker.mqtt import BrokerConfig, make_client
 
 
-async def test_client_talks_v5_to_a_real_broker(mosquitto: MosquittoBroker, unique_topic: str) -> None:
-    cfg = BrokerConfig(host=mosquitto.host, port=mosquitto.port)
+async def test_client_talks_v5_to_a_real_broker(broker_config: BrokerConfig, unique_topic: str) -> None:
+    cfg = broker_config
     async with make_client(cfg, identifier="t-sub") as sub, make_client(cfg, identifier="t-pub") as pub:
         await sub.subscribe(f"{unique_topic}/#", qos=1)
         await pub.publish(f"{unique_topic}/x", b"hello", qos=1)
@@ -21,7 +21,7 @@ async def test_password_from_env_and_file(tmp_path: Path, monkeypatch: pytest.Mo
     broker = MosquittoBroker(tmp_path, username="line", password="s3cret")
     broker.start()
     try:
-        cfg = BrokerConfig(host=broker.host, port=broker.port, username="line")
+        cfg = broker.config(username="line")
         monkeypatch.setenv("SEGSTREAM_MQTT_PASSWORD", "s3cret")
         async with make_client(cfg, identifier="env") as client:
             await client.publish("t", b"1", qos=1)

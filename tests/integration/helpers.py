@@ -13,7 +13,7 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from tests.support.onnx_models import (
     package_metadata,
     write_model_package,
 )
+from tests.support.waiting import wait_until
 from worker.config import PipelineConfig
 from worker.runtime import Worker
 
@@ -44,7 +45,6 @@ __all__ = [
     "parse_metrics",
     "pipeline_config",
     "running",
-    "wait_for",
     "workflow_v4",
     "write_video",
 ]
@@ -164,16 +164,6 @@ def pipeline_config(
     return PipelineConfig.model_validate(doc)
 
 
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    """Poll ``condition()`` every 20 ms; fail (naming ``what``) after a generous ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @asynccontextmanager
 async def running(worker: Worker, *, ready: bool = True) -> AsyncIterator[asyncio.Task[int]]:
     """Run ``worker`` as a task; wait until it is started (and ready, with every MQTT source
@@ -197,7 +187,7 @@ async def running(worker: Worker, *, ready: bool = True) -> AsyncIterator[asynci
         return control is None or control.subscribed.is_set()
 
     try:
-        await wait_for(up, f"worker {worker.name} to start")
+        await wait_until(up, f"worker {worker.name} to start")
         if task.done():
             task.result()  # raises what stopped it
             raise AssertionError(f"worker {worker.name} ended at start-up")

@@ -16,11 +16,11 @@ from tests.integration.helpers import (
     metric_value,
     parse_metrics,
     pipeline_config,
-    wait_for,
     write_video,
 )
 from tests.support.messages import validate_line
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_until
 from worker.mqtt import BrokerConfig, make_client
 from worker.runtime import Worker
 
@@ -59,7 +59,7 @@ async def test_metrics_and_probes_through_a_run(
     mosquitto.stop()  # the broker is not there when the worker starts
     task = asyncio.create_task(worker.run())
     try:
-        await wait_for(lambda: worker.http_port is not None or task.done(), "the HTTP server")
+        await wait_until(lambda: worker.http_port is not None or task.done(), "the HTTP server")
         port = worker.http_port
         assert port is not None
         status, body = await _get(port, "/readyz")
@@ -67,9 +67,9 @@ async def test_metrics_and_probes_through_a_run(
         assert await _status(port, "/healthz") == 200  # alive while it waits for the broker
 
         mosquitto.start()
-        await wait_for(lambda: worker.health.readiness().ok, "ready once the broker is up")
+        await wait_until(lambda: worker.health.readiness().ok, "ready once the broker is up")
         assert await _status(port, "/readyz") == 200
-        await wait_for(lambda: worker.metrics.snapshot()["cam"].connected, "the MQTT source subscribed")
+        await wait_until(lambda: worker.metrics.snapshot()["cam"].connected, "the MQTT source subscribed")
 
         good = jpeg_bytes(3)
         async with make_client(broker_config, identifier="camera") as camera:
@@ -87,7 +87,7 @@ async def test_metrics_and_probes_through_a_run(
             snap = worker.metrics.snapshot()
             return snap["file"].processed == 30 and snap["cam"].processed + snap["cam"].dropped == 6
 
-        await wait_for(settled, "every frame processed or dropped")
+        await wait_until(settled, "every frame processed or dropped")
         samples = parse_metrics((await _get(port, "/metrics"))[1])
         for source, received, processed in (("file", 30, 30), ("cam", 6, 3)):
             assert metric_value(samples, "segstream_frames_received_total", source=source) == received
@@ -102,12 +102,12 @@ async def test_metrics_and_probes_through_a_run(
         assert metric_value(samples, "segstream_broker_connected") == 1
 
         mosquitto.stop()  # the broker goes away: not ready, still alive
-        await wait_for(lambda: not worker.health.readiness().ok, "not ready without the broker")
+        await wait_until(lambda: not worker.health.readiness().ok, "not ready without the broker")
         status, body = await _get(port, "/readyz")
         assert status == 503 and "broker not connected" in json.loads(body)["reasons"]
         assert await _status(port, "/healthz") == 200
         mosquitto.start()
-        await wait_for(lambda: worker.health.readiness().ok, "ready again")
+        await wait_until(lambda: worker.health.readiness().ok, "ready again")
         assert await _status(port, "/readyz") == 200
         samples = parse_metrics((await _get(port, "/metrics"))[1])
         assert metric_value(samples, "segstream_reconnects_total") >= 1

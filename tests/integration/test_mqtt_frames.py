@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from tests.integration.helpers import MODEL_ID, frame_json, jpeg_bytes, pipeline_config, running, wait_for
+from tests.integration.helpers import MODEL_ID, frame_json, jpeg_bytes, pipeline_config, running
 from tests.sinks.helpers import Collector, Received
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_until
 from worker.mqtt import BrokerConfig, make_client
 from worker.runtime import Worker
 
@@ -56,11 +57,11 @@ async def test_jpeg_and_json_frames_give_predictions_with_ids_timestamps_and_rle
     ):
         sent_at = time.time()
         await camera.publish(frames_topic, jpeg_bytes(1), qos=1)
-        await wait_for(lambda: len(results.on(out_topic)) == 1, "the raw JPEG's prediction")
+        await wait_until(lambda: len(results.on(out_topic)) == 1, "the raw JPEG's prediction")
         await camera.publish(
             frames_topic, frame_json(jpeg_bytes(2), frame_id="press-7/000042", timestamp=1.7e9), qos=1
         )
-        await wait_for(lambda: len(results.on(out_topic)) == 2, "the JSON frame's prediction")
+        await wait_until(lambda: len(results.on(out_topic)) == 2, "the JSON frame's prediction")
     assert {m.topic for m in results.messages if "predictions" in m.topic} == {out_topic}
     raw, tagged = (m.json() for m in results.on(out_topic))
 
@@ -111,13 +112,15 @@ async def test_parameters_per_message_and_on_the_control_topic(
             frame_id = f"f{sent}"
             sent += 1
             await camera.publish(frames_topic, frame_json(jpeg_bytes(sent), frame_id, **parameters), qos=1)
-            await wait_for(lambda: frame_id in _by_frame_id(seen.on(out_topic)), f"prediction of {frame_id}")
+            await wait_until(
+                lambda: frame_id in _by_frame_id(seen.on(out_topic)), f"prediction of {frame_id}"
+            )
             return _classes(_by_frame_id(seen.on(out_topic))[frame_id])
 
         async def control(payload: bytes) -> dict[str, Any]:
             count = len(seen.on(f"{control_topic}/result"))
             await camera.publish(control_topic, payload, qos=1)
-            await wait_for(lambda: len(seen.on(f"{control_topic}/result")) > count, "the control reply")
+            await wait_until(lambda: len(seen.on(f"{control_topic}/result")) > count, "the control reply")
             return seen.on(f"{control_topic}/result")[-1].json()
 
         assert await frame() == ["bolt", "nut"]
@@ -136,7 +139,7 @@ async def test_parameters_per_message_and_on_the_control_topic(
         for bad in (b'{"inputs": {"confidence": 1.7}}', b'{"inputs": {"no_such_input": 1}}', b"not json"):
             reply = await control(bad)
             assert reply["ok"] is False and reply["error"] and "applied" not in reply
-        await wait_for(
+        await wait_until(
             lambda: len(seen.on("segstream/line2/errors")) == errors_before + 3, "three bad_control errors"
         )
         reports = [m.json() for m in seen.on("segstream/line2/errors")[errors_before:]]
@@ -170,13 +173,13 @@ async def test_each_bad_payload_gives_one_error_and_the_next_frame_goes_on(
         for n, (payload, reason) in enumerate(bad_payloads):
             await camera.publish(frames_topic, payload, qos=1)
             await camera.publish(frames_topic, frame_json(good, f"good-{n}"), qos=1)
-            await wait_for(
+            await wait_until(
                 lambda n=n: f"good-{n}" in _by_frame_id(seen.on(out_topic)), f"the frame after {reason}"
             )
-            await wait_for(lambda n=n: len(seen.on(error_topic)) >= n + 1, f"the {reason} report")
+            await wait_until(lambda n=n: len(seen.on(error_topic)) >= n + 1, f"the {reason} report")
         # one more good frame through the whole path: nothing else was reported meanwhile
         await camera.publish(frames_topic, frame_json(good, "last"), qos=1)
-        await wait_for(lambda: "last" in _by_frame_id(seen.on(out_topic)), "the last frame")
+        await wait_until(lambda: "last" in _by_frame_id(seen.on(out_topic)), "the last frame")
     reports = [m.json() for m in seen.on(error_topic)]
     assert [r["reason"] for r in reports] == [reason for _, reason in bad_payloads]
     assert [r["frame_number"] for r in reports] == [0, 2, 4, 6]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import frame_json, jpeg_bytes, pipeline_config, running, wait_for, write_video
+from tests.integration.helpers import frame_json, jpeg_bytes, pipeline_config, running, write_video
 from tests.sinks.helpers import Collector, PersistentMosquitto
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_until
 from worker.mqtt import BrokerConfig, make_client
 from worker.runtime import Worker
 from worker.sinks.mqtt import MqttSink
@@ -46,9 +47,9 @@ async def test_two_workers_in_one_shared_group_split_the_frames_exactly_once(
     ):
         for n in range(count):
             await camera.publish(frames_topic, frame_json(jpeg_bytes(n), f"f{n:03d}"), qos=1)
-        await wait_for(lambda: len(results.messages) >= count, f"{count} predictions")
+        await wait_until(lambda: len(results.messages) >= count, f"{count} predictions")
         # both workers are done: nothing more is on its way
-        await wait_for(lambda: sum(sum(w.summary.frames.values()) for w in workers) >= count, "summaries")
+        await wait_until(lambda: sum(sum(w.summary.frames.values()) for w in workers) >= count, "summaries")
     ids = _frame_ids(results)
     assert sorted(ids) == [f"f{n:03d}" for n in range(count)]
     assert set(ids.values()) == {1}, f"duplicated: {[i for i, c in ids.items() if c > 1]}"
@@ -62,7 +63,7 @@ async def test_broker_restart_mid_stream_loses_no_prediction(
     (tmp_path / "broker").mkdir()
     broker = PersistentMosquitto(tmp_path / "broker")
     broker.start()
-    broker_config = BrokerConfig(host=broker.host, port=broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    broker_config = broker.config()
     frames_topic = f"{unique_topic}/frames"
     # a file read at its frame rate keeps producing results while the broker is down
     video = write_video(tmp_path / "clip.avi", frames=50, fps=25.0)
@@ -87,13 +88,13 @@ async def test_broker_restart_mid_stream_loses_no_prediction(
             async with make_client(broker_config, identifier="camera") as camera:
                 for n in range(20):
                     await camera.publish(frames_topic, frame_json(jpeg_bytes(n), f"a{n}"), qos=1)
-            await wait_for(lambda: _frame_ids(results)["a0"] > 0, "the first MQTT frame's prediction")
-            await wait_for(lambda: len(_frame_ids(results)) >= 25, "some file frames' predictions")
+            await wait_until(lambda: _frame_ids(results)["a0"] > 0, "the first MQTT frame's prediction")
+            await wait_until(lambda: len(_frame_ids(results)) >= 25, "some file frames' predictions")
 
             broker.stop()
-            await wait_for(lambda: not sink.connected, "the sink to notice the outage")
+            await wait_until(lambda: not sink.connected, "the sink to notice the outage")
             processed_at_stop = worker.metrics.snapshot()["file"].processed
-            await wait_for(
+            await wait_until(
                 lambda: worker.metrics.snapshot()["file"].processed >= processed_at_stop + 5,
                 "file frames processed while the broker is down",
             )
@@ -102,14 +103,14 @@ async def test_broker_restart_mid_stream_loses_no_prediction(
             assert worker.health.liveness().ok  # ... but alive
 
             broker.start()
-            await wait_for(lambda: worker.health.readiness().ok, "ready again after the restart")
-            await wait_for(lambda: worker.metrics.snapshot()["cam"].connected, "the MQTT source back")
+            await wait_until(lambda: worker.health.readiness().ok, "ready again after the restart")
+            await wait_until(lambda: worker.metrics.snapshot()["cam"].connected, "the MQTT source back")
             async with make_client(broker_config, identifier="camera") as camera:
                 for n in range(10):
                     await camera.publish(frames_topic, frame_json(jpeg_bytes(n), f"b{n}"), qos=1)
             expected = {f"a{n}" for n in range(20)} | {f"b{n}" for n in range(10)}
             expected |= {f"file:{n}" for n in range(50)}
-            await wait_for(lambda: expected <= set(_frame_ids(results)), "every prediction", timeout=60)
+            await wait_until(lambda: expected <= set(_frame_ids(results)), "every prediction", timeout=60)
     finally:
         broker.stop()
     ids = _frame_ids(results)

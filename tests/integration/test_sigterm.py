@@ -18,21 +18,11 @@ import yaml
 
 from tests.integration.helpers import http_get, make_models_dir, workflow_v4, write_video
 from tests.support.messages import validate_line
+from tests.support.waiting import wait_until_sync
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 GRACE_S = 20.0
-
-
-def _wait(condition, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _result_lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -93,17 +83,17 @@ def test_sigterm_drains_every_read_frame_and_exits_zero(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
     try:
-        match = _wait(
+        match = wait_until_sync(
             lambda: re.search(r"http server listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text()),
             "the HTTP server's port",
         )
         port = int(match.group(1))
-        _wait(lambda: http_get(port, "/readyz")[0] == 200, "/readyz 200")
+        wait_until_sync(lambda: http_get(port, "/readyz")[0] == 200, "/readyz 200")
         assert http_get(port, "/healthz")[0] == 200
-        _wait(lambda: len(_result_lines(out)) >= 3, "the first results")
+        wait_until_sync(lambda: len(_result_lines(out)) >= 3, "the first results")
         watcher = ReadyzWatcher(port)
         watcher.start()
-        _wait(lambda: watcher.states, "a first /readyz answer")
+        wait_until_sync(lambda: watcher.states, "a first /readyz answer")
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=GRACE_S + 10)

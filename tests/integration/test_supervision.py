@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import pipeline_config, running, wait_for, write_video
+from tests.integration.helpers import pipeline_config, running, write_video
 from tests.sinks.helpers import Collector
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_until
 from worker.control import ControlListener
 from worker.frame import Frame
 from worker.http_server import HealthState
@@ -60,8 +61,10 @@ async def test_an_exception_in_inference_closes_the_sinks_says_offline_and_exits
         def status() -> list[str]:
             return [m.json()["status"] for m in seen.on("segstream/crash/status")]
 
-        await wait_for(lambda: status()[-1:] == ["offline"], "the offline status")
-        await wait_for(lambda: len(seen.on("segstream/crash/errors")) == len(memory.errors), "error reports")
+        await wait_until(lambda: status()[-1:] == ["offline"], "the offline status")
+        await wait_until(
+            lambda: len(seen.on("segstream/crash/errors")) == len(memory.errors), "error reports"
+        )
 
     assert code == EXIT_FAILED
     assert memory.closed

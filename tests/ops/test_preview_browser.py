@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from tests.ops.conftest import ServeFactory, make_detections
+from tests.support.waiting import wait_until
 from worker.http_server import HealthState
 from worker.metrics import Metrics
 from worker.preview import PreviewHub
@@ -135,14 +136,9 @@ async def _feed(hub: PreviewHub, metrics: Metrics, sources: list[str]) -> None:
 
 
 async def _wait_for(cdp: Cdp, expression: str, within_s: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        value = await cdp.evaluate(expression)
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"page never satisfied: {expression}")
-        await asyncio.sleep(0.1)
+    return await wait_until(
+        lambda: cdp.evaluate(expression), f"the page to satisfy {expression}", timeout=within_s
+    )
 
 
 TILE_STATE = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({

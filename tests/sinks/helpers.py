@@ -14,7 +14,7 @@ from tests.support.messages import validate_received
 from tests.support.mosquitto import MosquittoBroker
 from worker.mqtt import BrokerConfig, make_client
 
-__all__ = ["Collector", "PersistentMosquitto", "Received", "wait_until"]
+__all__ = ["Collector", "PersistentMosquitto", "Received"]
 
 
 class PersistentMosquitto(MosquittoBroker):
@@ -103,13 +103,3 @@ class Collector:
 
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]
-
-
-async def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    """Poll ``condition()`` every 20 ms until true; fail after a generous ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)

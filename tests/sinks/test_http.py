@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.integration.helpers import metric_value, parse_metrics
-from tests.sinks.helpers import wait_until
+from tests.support.waiting import wait_until
 from tests.support.webhook import WebhookServer, self_signed_certificate
 from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult

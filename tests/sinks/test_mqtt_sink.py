@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.sinks.helpers import Collector, PersistentMosquitto, wait_until
+from tests.sinks.helpers import Collector, PersistentMosquitto
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_until
 from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult
 from worker.mqtt import BrokerConfig
@@ -42,10 +43,6 @@ def result(
     )
 
 
-def broker_config(broker: MosquittoBroker) -> BrokerConfig:
-    return BrokerConfig(host=broker.host, port=broker.port, reconnect_min_s=0.05, reconnect_max_s=0.5)
-
-
 def sink_config(prefix: str, **overrides: object) -> MqttSinkConfig:
     return MqttSinkConfig.model_validate(
         {
@@ -60,7 +57,7 @@ def sink_config(prefix: str, **overrides: object) -> MqttSinkConfig:
 async def test_results_errors_and_status_reach_their_topics(
     mosquitto: MosquittoBroker, unique_topic: str
 ) -> None:
-    broker = broker_config(mosquitto)
+    broker = mosquitto.config()
     telemetry = RecordingTelemetry()
     sink = MqttSink(sink_config(unique_topic), pipeline="line-3", broker=broker, telemetry=telemetry)
     async with Collector(broker, f"{unique_topic}/#", persistent=False) as seen:
@@ -109,7 +106,7 @@ async def test_results_errors_and_status_reach_their_topics(
 
 
 async def test_online_status_is_retained(mosquitto: MosquittoBroker, unique_topic: str) -> None:
-    broker = broker_config(mosquitto)
+    broker = mosquitto.config()
     async with MqttSink(sink_config(unique_topic), pipeline="line-3", broker=broker) as sink:
         assert await sink.wait_connected(20)
         async with Collector(broker, sink.status_topic, persistent=False) as seen:
@@ -140,7 +137,7 @@ async def test_last_will_says_offline_when_the_worker_vanishes(
     mosquitto: MosquittoBroker, unique_topic: str
 ) -> None:
     """The Will is the broker's job: kill a worker process (no DISCONNECT) and watch the status topic."""
-    broker = broker_config(mosquitto)
+    broker = mosquitto.config()
     status_topic = f"{unique_topic}/line-3/status"
     async with Collector(broker, status_topic, persistent=False) as seen:
         proc = await asyncio.create_subprocess_exec(
@@ -155,11 +152,13 @@ async def test_last_will_says_offline_when_the_worker_vanishes(
         )
         try:
             await wait_until(
-                lambda: any(m.json()["status"] == "online" for m in seen.messages), 30, "online from worker"
+                lambda: any(m.json()["status"] == "online" for m in seen.messages),
+                "online from worker",
+                timeout=30,
             )
             assert seen.messages[0].json()["worker"] == "doomed"
             proc.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker publishes the Will
-            await wait_until(lambda: len(seen.messages) >= 2, 30, "the Last Will")
+            await wait_until(lambda: len(seen.messages) >= 2, "the Last Will", timeout=30)
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -182,7 +181,7 @@ async def test_results_published_while_the_broker_restarts_all_arrive(
     server = PersistentMosquitto(tmp_path)
     server.start()
     try:
-        broker = broker_config(server)
+        broker = server.config()
         telemetry = RecordingTelemetry()
         topic = f"{unique_topic}/line-3/cam1/seg"
         async with Collector(broker, topic) as seen:
@@ -212,7 +211,9 @@ async def test_results_published_while_the_broker_restarts_all_arrive(
                 await sink.publish_result(result("cam1", n))
                 await asyncio.sleep(0.002)
             await wait_until(
-                lambda: len({m.json()["frame_number"] for m in seen.messages}) == 300, 60, "300 frames"
+                lambda: len({m.json()["frame_number"] for m in seen.messages}) == 300,
+                "300 frames",
+                timeout=60,
             )
             numbers = [m.json()["frame_number"] for m in seen.messages]
             duplicates = len(numbers) - len(set(numbers))
@@ -230,7 +231,7 @@ async def test_outbox_overflow_drops_the_oldest_and_counts(tmp_path: Path, uniqu
     server = PersistentMosquitto(tmp_path)
     server.start()
     try:
-        broker = broker_config(server)
+        broker = server.config()
         telemetry = RecordingTelemetry()
         topic = f"{unique_topic}/line-3/+/seg"
         async with Collector(broker, topic) as seen:
@@ -249,7 +250,7 @@ async def test_outbox_overflow_drops_the_oldest_and_counts(tmp_path: Path, uniqu
             assert len(sink.outbox) == 5 and telemetry.outbox == 5
             assert telemetry.dropped == {("cam1", "outbox_overflow"): 7}
             server.start()
-            await wait_until(lambda: len(seen.messages) >= 5, 30, "the 5 newest results")
+            await wait_until(lambda: len(seen.messages) >= 5, "the 5 newest results", timeout=30)
             assert await sink.close(10) == 0
             got = sorted((m.json()["source"], m.json()["frame_number"]) for m in seen.messages)
             assert got == [("cam1", 7), ("cam1", 8), ("cam1", 9), ("cam2", 0), ("cam2", 1)]
@@ -262,7 +263,7 @@ async def test_close_with_the_broker_down_returns_within_the_timeout(
 ) -> None:
     telemetry = RecordingTelemetry()
     sink = MqttSink(
-        sink_config(unique_topic), pipeline="line-3", broker=broker_config(mosquitto), telemetry=telemetry
+        sink_config(unique_topic), pipeline="line-3", broker=mosquitto.config(), telemetry=telemetry
     )
     await sink.start()
     assert await sink.wait_connected(20)
@@ -283,9 +284,7 @@ async def test_payload_over_the_limit_is_refused_and_counted(
 ) -> None:
     telemetry = RecordingTelemetry()
     config = sink_config(unique_topic, max_payload_bytes=2048)
-    async with MqttSink(
-        config, pipeline="line-3", broker=broker_config(mosquitto), telemetry=telemetry
-    ) as sink:
+    async with MqttSink(config, pipeline="line-3", broker=mosquitto.config(), telemetry=telemetry) as sink:
         with pytest.raises(SinkError, match="max_payload_bytes"):
             await sink.publish_result(result("cam1", 0, outputs={"blob": "x" * 4096}))
         assert len(sink.outbox) == 0
@@ -337,7 +336,7 @@ def test_bad_config_names_the_field(field: str, value: object, match: str) -> No
 
 
 async def test_a_source_id_with_a_wildcard_cannot_make_a_topic(mosquitto: MosquittoBroker) -> None:
-    async with MqttSink(MqttSinkConfig(), pipeline="p", broker=broker_config(mosquitto)) as sink:
+    async with MqttSink(MqttSinkConfig(), pipeline="p", broker=mosquitto.config()) as sink:
         with pytest.raises(SinkError, match="wildcard"):
             await sink.publish_result(result("cam+1", 0))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -99,12 +98,3 @@ async def running(source: Source, queue: FrameQueue, delay: float = 0.0) -> Asyn
         finally:
             await source.stop()
             await asyncio.wait_for(asyncio.shield(src_task), 30)
-
-
-async def wait_for(condition: Callable[[], bool], within_s: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it is true; fail after ``within_s`` seconds (generous: loaded CI)."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.02)

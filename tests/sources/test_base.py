@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tests.sources.conftest import wait_for
+from tests.support.waiting import wait_until
 from worker.frame import Frame
 from worker.queues import FrameQueue
 from worker.sources.base import ThreadHandover
@@ -27,7 +27,7 @@ async def test_every_frame_handover_blocks_the_thread_until_there_is_room() -> N
     results: list[bool] = []
     thread = threading.Thread(target=lambda: results.extend(handover.put(frame(i)) for i in range(3)))
     thread.start()
-    await wait_for(lambda: len(queue) == 1)
+    await wait_until(lambda: len(queue) == 1)
     await asyncio.sleep(0.1)
     assert thread.is_alive() and len(queue) == 1  # the reader waits: backpressure
     taken = []
@@ -48,7 +48,7 @@ async def test_every_frame_handover_gives_up_on_stop_and_on_close() -> None:
     results: list[bool] = []
     thread = threading.Thread(target=lambda: results.extend(handover.put(frame(i)) for i in range(2)))
     thread.start()
-    await wait_for(lambda: len(queue) == 1)
+    await wait_until(lambda: len(queue) == 1)
     stop.set()
     await asyncio.to_thread(thread.join, 5)
     assert results == [True, False] and not thread.is_alive()
@@ -76,5 +76,5 @@ async def test_latest_handover_never_blocks_and_counts_what_the_loop_cannot_take
     thread.join(5)  # deliberately blocking: the loop cannot run the puts meanwhile
     assert time.monotonic() - started < 2 and thread_results == [True] * 10
     assert telemetry.dropped[("s", "stale")] == 8  # only 2 could wait for the loop
-    await wait_for(lambda: len(queue) == 2)
+    await wait_until(lambda: len(queue) == 2)
     assert [queue.get_nowait().frame_number for _ in range(2)] == [0, 1]  # type: ignore[union-attr]

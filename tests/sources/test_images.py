@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.sources.conftest import Consumer, ErrorSink, running, wait_for
+from tests.sources.conftest import Consumer, ErrorSink, running
+from tests.support.waiting import wait_until
 from worker.queues import FrameQueue
 from worker.sources.images import ImageFolderSource, ImageFolderSourceConfig
 from worker.telemetry import RecordingTelemetry
@@ -54,7 +55,7 @@ async def test_loop_and_fps_pacing(tmp_path: Path) -> None:
     queue = FrameQueue("loop", 2, "every_frame")
     started = time.monotonic()
     async with running(source, queue) as consumer:
-        await wait_for(lambda: len(consumer.frames) >= 9, what="9 frames")
+        await wait_until(lambda: len(consumer.frames) >= 9, what="9 frames")
     assert time.monotonic() - started >= 8 / 40 - 0.02
     assert [round(float(f.image.mean())) for f in consumer.frames[:4]] == [20, 40, 20, 40]
     assert queue.closed

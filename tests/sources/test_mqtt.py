@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tests.sources.conftest import ErrorSink, running, wait_for
+from tests.sources.conftest import ErrorSink, running
 from tests.support.mosquitto import MosquittoBroker
-from worker.mqtt import BrokerConfig, make_client
+from tests.support.waiting import wait_until
+from worker.mqtt import make_client
 from worker.queues import FrameQueue
 from worker.sources.mqtt import MqttSource, MqttSourceConfig
 from worker.telemetry import RecordingTelemetry
@@ -44,12 +45,6 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk + b"\x00" * 64
 
 
-def broker_of(mosquitto: MosquittoBroker, **kw: object) -> BrokerConfig:
-    return BrokerConfig(
-        host=mosquitto.host, port=mosquitto.port, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw
-    )
-
-
 def make_source(
     mosquitto: MosquittoBroker,
     topic: str,
@@ -58,11 +53,11 @@ def make_source(
     **kw: object,
 ) -> MqttSource:
     cfg = MqttSourceConfig.model_validate({"id": "line", "topic": topic, **kw})
-    return MqttSource(cfg, broker_of(mosquitto), telemetry=telemetry, on_error=errors, pipeline="p")
+    return MqttSource(cfg, mosquitto.config(), telemetry=telemetry, on_error=errors, pipeline="p")
 
 
 async def publish(mosquitto: MosquittoBroker, topic: str, payloads: list[bytes], qos: int = 1) -> None:
-    async with make_client(broker_of(mosquitto), identifier=f"pub-{os.getpid()}") as pub:
+    async with make_client(mosquitto.config(), identifier=f"pub-{os.getpid()}") as pub:
         for payload in payloads:
             await pub.publish(topic, payload, qos=qos)
 
@@ -93,9 +88,9 @@ async def test_raw_jpeg_png_and_json_frames(mosquitto: MosquittoBroker, unique_t
         ).encode(),
     ]
     async with running(source, queue) as consumer:
-        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
         await publish(mosquitto, topic, payloads)
-        await wait_for(lambda: len(consumer.frames) == 4, what="4 frames")
+        await wait_until(lambda: len(consumer.frames) == 4, what="4 frames")
     jpeg, png, js, data_url = consumer.frames
     assert [f.frame_number for f in consumer.frames] == [0, 1, 2, 3]
     assert jpeg.frame_id == "line:0" and jpeg.parameters == {}
@@ -149,9 +144,9 @@ async def test_a_bad_payload_gives_one_error_report_and_the_next_frame_flows(
     source = make_source(mosquitto, topic, telemetry, errors, max_payload_bytes=4096, max_image_pixels=10**6)
     queue = FrameQueue("line", 4, "every_frame")
     async with running(source, queue) as consumer:
-        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
         await publish(mosquitto, topic, [payload, GOOD])
-        await wait_for(lambda: len(consumer.frames) == 1, what="the good frame")
+        await wait_until(lambda: len(consumer.frames) == 1, what="the good frame")
     assert len(errors.reports) == 1
     report = errors.reports[0]
     assert (report.reason, report.source_id, report.pipeline, report.frame_number) == (reason, "line", "p", 0)
@@ -168,7 +163,7 @@ async def test_shared_subscription_splits_frames_without_loss_or_duplicates(
     sources, queues = [], []
     for n in (1, 2):
         cfg = MqttSourceConfig(id=f"w{n}", topic=topic, shared_group="seg", client_id=f"worker-{n}")
-        sources.append(MqttSource(cfg, broker_of(mosquitto), telemetry=telemetry))
+        sources.append(MqttSource(cfg, mosquitto.config(), telemetry=telemetry))
         queues.append(FrameQueue(f"w{n}", 64, "every_frame"))
     payload = encode(image(10), ".png")
     frames = [
@@ -176,11 +171,11 @@ async def test_shared_subscription_splits_frames_without_loss_or_duplicates(
         for i in range(40)
     ]
     async with running(sources[0], queues[0]) as c1, running(sources[1], queues[1]) as c2:
-        await wait_for(
+        await wait_until(
             lambda: telemetry.connected.get("w1") is True and telemetry.connected.get("w2") is True
         )
         await publish(mosquitto, topic, frames)
-        await wait_for(lambda: len(c1.frames) + len(c2.frames) >= 40, what="all frames")
+        await wait_until(lambda: len(c1.frames) + len(c2.frames) >= 40, what="all frames")
     ids = [f.frame_id for f in c1.frames + c2.frames]
     assert sorted(ids) == sorted(f"f{i}" for i in range(40))  # none lost, none twice
     assert c1.frames and c2.frames  # both workers took a share
@@ -202,9 +197,9 @@ async def test_every_frame_under_a_slow_consumer_loses_nothing(
         json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": i}).encode() for i in range(n)
     ]
     async with running(source, queue, delay=0.003) as consumer:
-        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
         await publish(mosquitto, topic, frames)
-        await wait_for(lambda: len(consumer.frames) == n, what="every frame", within_s=60)
+        await wait_until(lambda: len(consumer.frames) == n, what="every frame", timeout=60)
         await asyncio.sleep(0.3)  # a late redelivery would show up now
     assert [f.frame_id for f in consumer.frames] == [str(i) for i in range(n)]  # in order, none twice
     # the broker may resend frames whose PUBACK it had not taken in before a resync: skipped, counted
@@ -220,16 +215,16 @@ async def test_broker_restart_reconnects_and_frames_flow_again(
     source = make_source(mosquitto, topic, telemetry)
     queue = FrameQueue("line", 4, "every_frame")
     async with running(source, queue) as consumer:
-        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
         await publish(mosquitto, topic, [GOOD])
-        await wait_for(lambda: len(consumer.frames) == 1)
+        await wait_until(lambda: len(consumer.frames) == 1)
         mosquitto.stop()
-        await wait_for(lambda: telemetry.connected.get("line") is False, what="disconnect noticed")
-        await wait_for(lambda: telemetry.reconnects["broker:source"] >= 2, what="retries while down")
+        await wait_until(lambda: telemetry.connected.get("line") is False, what="disconnect noticed")
+        await wait_until(lambda: telemetry.reconnects["broker:source"] >= 2, what="retries while down")
         mosquitto.start()  # same port; no persistence: the session is gone, the source subscribes again
-        await wait_for(lambda: telemetry.connected.get("line") is True, what="reconnected")
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="reconnected")
         await publish(mosquitto, topic, [GOOD])
-        await wait_for(lambda: len(consumer.frames) == 2, what="a frame after the restart")
+        await wait_until(lambda: len(consumer.frames) == 2, what="a frame after the restart")
     assert [f.frame_number for f in consumer.frames] == [0, 1]
 
 
@@ -240,7 +235,7 @@ async def test_persistent_session_gets_frames_published_while_disconnected(
     telemetry = RecordingTelemetry()
     first = make_source(mosquitto, topic, telemetry, client_id="line-worker")
     async with running(first, FrameQueue("line", 4, "every_frame")):
-        await wait_for(lambda: telemetry.connected.get("line") is True, what="first session")
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="first session")
     # the worker is away: QoS 1 frames wait in its session on the broker
     payload = encode(image(10), ".png")
     await publish(
@@ -251,7 +246,7 @@ async def test_persistent_session_gets_frames_published_while_disconnected(
     telemetry = RecordingTelemetry()
     second = make_source(mosquitto, topic, telemetry, client_id="line-worker")
     async with running(second, FrameQueue("line", 8, "every_frame")) as consumer:
-        await wait_for(lambda: len(consumer.frames) == 5, what="frames kept by the session")
+        await wait_until(lambda: len(consumer.frames) == 5, what="frames kept by the session")
     assert [f.frame_id for f in consumer.frames] == ["0", "1", "2", "3", "4"]
 
 
@@ -268,15 +263,15 @@ async def test_unacknowledged_frames_come_back_after_a_stop_under_backpressure(
     first = make_source(mosquitto, topic, telemetry, client_id="bp-worker", receive_maximum=3)
     queue = FrameQueue("line", 2, "every_frame")  # nobody consumes it
     task = asyncio.create_task(first.run(queue))
-    await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+    await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
     await publish(mosquitto, topic, frames)
-    await wait_for(lambda: len(queue) == 2, what="queue full")
+    await wait_until(lambda: len(queue) == 2, what="queue full")
     await first.stop()
     await asyncio.wait_for(task, 10)
     taken = [queue.get_nowait() for _ in range(2)]
     second = make_source(mosquitto, topic, RecordingTelemetry(), client_id="bp-worker")
     async with running(second, FrameQueue("line", 16, "every_frame")) as consumer:
-        await wait_for(lambda: len(consumer.frames) >= 10, what="the rest")
+        await wait_until(lambda: len(consumer.frames) >= 10, what="the rest")
     ids = [f.frame_id for f in taken if f] + [f.frame_id for f in consumer.frames]
     assert sorted(set(ids), key=int) == [str(i) for i in range(12)]
     assert len(ids) == 12  # nothing twice either: only queued frames were acknowledged

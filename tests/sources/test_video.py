@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tests.sources.conftest import Consumer, ErrorSink, running, wait_for
+from tests.sources.conftest import Consumer, ErrorSink, running
 from tests.support.rtsp import RtspServer
+from tests.support.waiting import wait_until
 from worker.queues import FrameQueue
 from worker.sources.video import FFMPEG_OPTIONS_ENV, VideoSource, VideoSourceConfig, ensure_rtsp_over_tcp
 from worker.telemetry import RecordingTelemetry
@@ -96,7 +97,7 @@ async def test_file_loop_goes_on_until_stopped(tmp_path: Path) -> None:
     source = VideoSource(VideoSourceConfig(id="loop", url=str(clip), loop=True))
     queue = FrameQueue("loop", 4, "every_frame")
     async with running(source, queue) as consumer:
-        await wait_for(lambda: len(consumer.frames) >= 12, what="three passes")
+        await wait_until(lambda: len(consumer.frames) >= 12, what="three passes")
     numbers = [f.frame_number for f in consumer.frames]
     assert numbers == list(range(len(numbers)))
     # frame 5 is the first frame again
@@ -138,7 +139,7 @@ async def test_missing_file_is_reported_once_and_retried_until_stopped(
     source = VideoSource(cfg, telemetry=telemetry, on_error=errors, pipeline="p")
     queue = FrameQueue("nofile", 2, "every_frame")
     async with running(source, queue):
-        await wait_for(lambda: telemetry.reconnects["source:nofile"] >= 3, what="retries")
+        await wait_until(lambda: telemetry.reconnects["source:nofile"] >= 3, what="retries")
     assert errors.reasons() == ["source_unavailable"]
     assert errors.reports[0].pipeline == "p" and "missing.mp4" in errors.reports[0].message
     assert queue.closed and not reader_threads("nofile")
@@ -149,7 +150,7 @@ async def test_cancelling_run_joins_the_reader_under_backpressure(tmp_path: Path
     source = VideoSource(VideoSourceConfig(id="bp", url=str(clip)))
     queue = FrameQueue("bp", 1, "every_frame")  # nobody consumes: the reader waits for room
     task = asyncio.create_task(source.run(queue))
-    await wait_for(lambda: len(queue) == 1, what="a queued frame")
+    await wait_until(lambda: len(queue) == 1, what="a queued frame")
     await asyncio.sleep(0.1)
     assert len(reader_threads("bp")) == 1
     task.cancel()
@@ -178,7 +179,7 @@ async def test_rtsp_frames_are_read(rtsp_servers: Callable[..., RtspServer]) -> 
     source = VideoSource(rtsp_config("cam1", server.url), telemetry=telemetry)
     queue = FrameQueue("cam1", 2, "latest", telemetry)
     async with running(source, queue) as consumer:
-        await wait_for(lambda: len(consumer.frames) >= 10, what="10 frames")
+        await wait_until(lambda: len(consumer.frames) >= 10, what="10 frames")
         assert telemetry.connected["cam1"] is True
     assert consumer.frames[0].image.shape == (120, 160, 3)
     numbers = [f.frame_number for f in consumer.frames]
@@ -197,15 +198,15 @@ async def test_rtsp_camera_killed_and_restarted_reconnects_while_another_keeps_r
     src_b = VideoSource(rtsp_config("b", cam_b.url), telemetry=telemetry, on_error=errors)
     q_a, q_b = FrameQueue("a", 2, "latest", telemetry), FrameQueue("b", 2, "latest", telemetry)
     async with running(src_a, q_a) as got_a, running(src_b, q_b) as got_b:
-        await wait_for(lambda: len(got_a.frames) >= 5 and len(got_b.frames) >= 5, what="both cameras")
+        await wait_until(lambda: len(got_a.frames) >= 5 and len(got_b.frames) >= 5, what="both cameras")
         cam_a.kill()
-        await wait_for(lambda: telemetry.reconnects["source:a"] >= 1, what="camera a's outage noticed")
+        await wait_until(lambda: telemetry.reconnects["source:a"] >= 1, what="camera a's outage noticed")
         a_during, b_during = telemetry.received["a"], len(got_b.frames)
-        await wait_for(lambda: len(got_b.frames) >= b_during + 10, what="camera b going on alone")
+        await wait_until(lambda: len(got_b.frames) >= b_during + 10, what="camera b going on alone")
         assert telemetry.received["a"] == a_during  # nothing read from a while it is down
         cam_a.start()  # same port
-        await wait_for(lambda: telemetry.received["a"] >= a_during + 5, what="camera a back")
-        await wait_for(lambda: got_a.frames[-1].frame_number >= a_during + 4, what="its frames queued")
+        await wait_until(lambda: telemetry.received["a"] >= a_during + 5, what="camera a back")
+        await wait_until(lambda: got_a.frames[-1].frame_number >= a_during + 4, what="its frames queued")
     assert errors.reasons() == ["source_unavailable"] and errors.reports[0].source_id == "a"
     assert telemetry.reconnects["source:b"] == 0
     numbers = [f.frame_number for f in got_a.frames]
@@ -222,14 +223,14 @@ async def test_rtsp_frozen_camera_hits_the_read_timeout_and_recovers(
     source = VideoSource(cfg, telemetry=telemetry, on_error=errors)
     queue = FrameQueue("frozen", 2, "latest", telemetry)
     async with running(source, queue) as consumer:
-        await wait_for(lambda: len(consumer.frames) >= 3, what="first frames")
+        await wait_until(lambda: len(consumer.frames) >= 3, what="first frames")
         server.pause()  # TCP stays up, nothing is sent: only the read timeout notices
         try:
-            await wait_for(lambda: telemetry.reconnects["source:frozen"] >= 1, what="read timeout")
+            await wait_until(lambda: telemetry.reconnects["source:frozen"] >= 1, what="read timeout")
         finally:
             server.resume()
         before = len(consumer.frames)
-        await wait_for(lambda: len(consumer.frames) >= before + 3, what="frames after the freeze")
+        await wait_until(lambda: len(consumer.frames) >= before + 3, what="frames after the freeze")
     assert "source_unavailable" in errors.reasons()
 
 
@@ -264,7 +265,7 @@ async def test_watchdog_abandons_a_hung_reader_and_starts_a_fresh_one(
     assert errors.reasons() == ["source_stalled"] and telemetry.reconnects["source:hung"] == 1
     assert len(reader_threads("hung")) == 1  # the abandoned one is still stuck
     source.release_hang.set()
-    await wait_for(lambda: not reader_threads("hung"), what="the abandoned reader to exit")
+    await wait_until(lambda: not reader_threads("hung"), what="the abandoned reader to exit")
     assert len(consumer.frames) == 6  # it handed nothing over after being abandoned
 
 
@@ -281,5 +282,5 @@ async def test_rtsp_serving_the_demo_clip(rtsp_servers: Callable[..., RtspServer
     source = VideoSource(rtsp_config("clip", server.url))
     queue = FrameQueue("clip", 4, "latest")
     async with running(source, queue) as consumer:
-        await wait_for(lambda: len(consumer.frames) >= 5, what="clip frames over RTSP")
+        await wait_until(lambda: len(consumer.frames) >= 5, what="clip frames over RTSP")
     assert consumer.frames[0].image.shape[:2] == size

@@ -10,6 +10,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+from worker.mqtt import BrokerConfig
 
 __all__ = ["MosquittoBroker", "free_port", "mosquitto_path"]
 
@@ -45,6 +48,16 @@ class MosquittoBroker:
         self.log_path = workdir / "mosquitto.log"
         self.conf_path = workdir / "mosquitto.conf"
         self._write_conf()
+
+    def config(self, **changes: Any) -> BrokerConfig:
+        """Client settings for this broker, reconnecting fast enough for tests (0.05..0.5 s)."""
+        fields: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "reconnect_min_s": 0.05,
+            "reconnect_max_s": 0.5,
+        }
+        return BrokerConfig(**{**fields, **changes})
 
     def _write_conf(self) -> None:
         lines = [
