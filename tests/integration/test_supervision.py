@@ -23,7 +23,7 @@ from worker.runtime import Worker
 from worker.sinks import MemorySink
 from worker.sources.video import VideoSource
 from worker.step.executor import BatchResult, WorkflowRunner
-from worker.supervisor import EXIT_FAILED, EXIT_OK
+from worker.supervisor import EXIT_FAILED, EXIT_OK, EXIT_UNDELIVERED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -209,3 +209,25 @@ async def test_the_inputs_ending_is_a_clean_stop(models_dir: Path, tmp_path: Pat
     worker = await Worker.create(config, extra_sinks=[memory])
     assert await asyncio.wait_for(worker.run(), timeout=60) == EXIT_OK
     assert memory.closed and len(memory.results) == 4 and memory.errors == []
+
+
+async def test_messages_left_undelivered_at_the_end_exit_with_3(
+    mosquitto: MosquittoBroker, models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    video = write_video(tmp_path / "clip.avi", frames=4)
+    config = pipeline_config(
+        "undelivered",
+        sources=[{"type": "video", "id": "file", "url": str(video)}],
+        sinks=[{"type": "mqtt"}],
+        broker=mosquitto,
+        models_dir=models_dir,
+        shutdown_grace_s=1.0,
+    )
+    memory = MemorySink()
+    worker = await Worker.create(config, extra_sinks=[memory])
+    mosquitto.stop()  # the results have nowhere to go
+    with caplog.at_level(logging.INFO):
+        code = await asyncio.wait_for(worker.run(), timeout=60)
+    assert len(memory.results) == 4  # processed and published to the sinks ...
+    assert code == EXIT_UNDELIVERED  # ... but the MQTT sink could not deliver them
+    assert any("could not be delivered before exit" in message for message in _errors(caplog))
