@@ -43,9 +43,14 @@ from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
 from worker.sinks import MqttSink, Sink, build_sink
-from worker.sources import Source, SourceConfig, build_source
+from worker.sources import (
+    ImageFolderSourceConfig,
+    Source,
+    SourceConfig,
+    VideoSourceConfig,
+    build_source,
+)
 from worker.sources.base import Backoff
-from worker.sources.factory import ImageFolderSourceConfig, VideoSourceConfig
 from worker.step.executor import WorkflowRunner
 from worker.step.workflow import WorkflowDefinition, load_workflow
 from worker.supervisor import (
@@ -326,7 +331,7 @@ class Worker:
                 finished = await self._drain(supervisor, tasks)
         if supervisor.failures:
             return EXIT_FAILED
-        if not finished or sum(undelivered):
+        if not finished or any(undelivered):
             return EXIT_UNDELIVERED
         return EXIT_OK
 
@@ -495,6 +500,10 @@ async def run_worker(config: PipelineConfig, *, models_dir: Path | None = None) 
         worker = await Worker.create(config, models_dir=models_dir)
     except SegstreamError as exc:
         log.error("%s", _one_line(exc))
+        return EXIT_FAILED
+    except Exception as exc:  # a bug, or a library error nobody turned into a SegstreamError
+        log.error("start-up failed: %s", describe_exception(exc))
+        log.debug("start-up failed", exc_info=exc)
         return EXIT_FAILED
     remove = _install_signal_handlers(worker)
     try:

@@ -134,10 +134,10 @@ class Supervisor:
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
+    ) -> None:
         for task in self._background:
             task.cancel()
-        return await self._group.__aexit__(exc_type, exc, tb)
+        await self._group.__aexit__(exc_type, exc, tb)
 
     # ------------------------------------------------------------------------------------- stages
 
