@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import make_models_dir, pipeline_config, running, wait_for
+from tests.integration.helpers import make_models_dir, pipeline_config, running
 from tests.sinks.helpers import Collector
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_until
 from worker.ids import (
     MAX_WORKER_ID_LENGTH,
     WORKER_ID_ENV,
@@ -140,16 +141,16 @@ async def test_one_worker_id_in_status_control_replies_and_client_ids(
         broker=mosquitto,
         models_dir=make_models_dir(tmp_path / "models"),
     )
-    worker = Worker(config)
-    broker = BrokerConfig(host=mosquitto.host, port=mosquitto.port)
+    worker = await Worker.create(config)
+    broker = mosquitto.config()
     async with (
         Collector(broker, "segstream/ids/#", identifier="watcher", persistent=False) as seen,
         running(worker),
         make_client(broker, identifier="operator") as operator,
     ):
         await operator.publish("segstream/ids/control", b'{"inputs": {"confidence": 0.5}}', qos=1)
-        await wait_for(lambda: seen.on("segstream/ids/control/result"), "the control reply")
-        await wait_for(lambda: seen.on(f"segstream/ids/status/{worker.worker_id}"), "the status")
+        await wait_until(lambda: seen.on("segstream/ids/control/result"), "the control reply")
+        await wait_until(lambda: seen.on(f"segstream/ids/status/{worker.worker_id}"), "the status")
         (sink,) = worker.sinks
         (source,) = worker.sources
         assert isinstance(sink, MqttSink) and isinstance(source, MqttSource)

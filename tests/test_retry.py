@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.sinks.helpers import wait_until
 from tests.support.listener import counting_listener, most_attempts
+from tests.support.waiting import wait_until
 from worker.control import ControlListener
 from worker.mqtt import BrokerConfig
 from worker.queues import FrameQueue

@@ -13,7 +13,7 @@ from worker.supervisor import Supervisor, describe_exception
 class FixedBackoff:
     """Delays from a list (0 = at once); counts resets."""
 
-    maximum = 10.0
+    max_s = 10.0
 
     def __init__(self, *delays: float) -> None:
         self.delays = list(delays)
@@ -27,6 +27,9 @@ class FixedBackoff:
 
     def reset(self) -> None:
         self.resets += 1
+
+    def pace(self) -> float:
+        return 0.0
 
 
 async def test_a_restartable_stage_runs_again_after_each_failure_until_it_returns() -> None:

@@ -20,7 +20,6 @@ import logging
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
@@ -33,6 +32,7 @@ from worker.control import ControlListener
 from worker.errors import ConfigError, SegstreamError, SinkError
 from worker.frame import Frame
 from worker.http_server import HealthState, HttpServer, build_app
+from worker.ids import make_worker_id
 from worker.inference import InferenceLoop
 from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport
@@ -42,6 +42,7 @@ from worker.preview import PreviewHub
 from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
+from worker.retry import Backoff
 from worker.sinks import MqttSink, Sink, build_sink
 from worker.sources import (
     ImageFolderSourceConfig,
@@ -50,9 +51,8 @@ from worker.sources import (
     VideoSourceConfig,
     build_source,
 )
-from worker.sources.base import Backoff
 from worker.step.executor import WorkflowRunner
-from worker.step.workflow import WorkflowDefinition, load_workflow
+from worker.step.workflow import WorkflowDefinition
 from worker.supervisor import (
     EXIT_FAILED,
     EXIT_OK,
@@ -160,7 +160,8 @@ class Worker:
         self._grace_s = config.shutdown_grace_s
         self._deadline = 0.0  # of the stop sequence, once it began (monotonic)
 
-        self.worker_id = _worker_id(config)
+        prefix = config.broker.client_id if config.broker else None
+        self.worker_id = make_worker_id(config.name, prefix=prefix)  # one per process: every client
         ready = asyncio.Event()  # set by every queue on each put and close: the batcher waits on it
         self.publisher = self._build_publisher(workflow, extra_sinks)
         self._lanes = [self._build_lane(cfg, ready) for cfg in config.sources]
@@ -198,7 +199,7 @@ class Worker:
             ConfigError: the workflow or the pipeline's settings are invalid.
             ModelError: a model cannot be found or loaded.
         """
-        workflow = load_workflow(config.workflow)
+        workflow = config.workflow
         if config.broker_required and not any(c.type == "mqtt" for c in config.sinks):
             raise ConfigError("broker_required needs an mqtt sink", field="broker_required")
         limit_blas_threads(config.blas_threads)
@@ -216,6 +217,10 @@ class Worker:
     def sinks(self) -> tuple[Sink, ...]:
         return self.publisher.sinks
 
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return tuple(lane.source for lane in self._lanes)
+
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM/SIGINT): not ready at once, then drain and exit."""
         if not self._stop.is_set():
@@ -227,7 +232,13 @@ class Worker:
 
     def _build_publisher(self, workflow: WorkflowDefinition, extra_sinks: Sequence[Sink]) -> Publisher:
         sinks = [
-            build_sink(c, pipeline=self.name, broker=self.config.broker, telemetry=self.metrics)
+            build_sink(
+                c,
+                pipeline=self.name,
+                broker=self.config.broker,
+                telemetry=self.metrics,
+                worker_id=self.worker_id,
+            )
             for c in self.config.sinks
         ]
         return Publisher(
@@ -249,6 +260,7 @@ class Worker:
             pipeline=self.name,
             broker=self.config.broker,
             decode_pool=self._decode_pool,
+            worker_id=self.worker_id,
         )
         return _Lane(source, queue, _restartable(cfg))
 
@@ -472,11 +484,6 @@ async def _finish(tasks: Sequence[asyncio.Task[None]], timeout: float, late: str
     if pending:
         await asyncio.wait(pending)
     return not pending
-
-
-def _worker_id(config: PipelineConfig) -> str:
-    prefix = config.broker.client_id if config.broker and config.broker.client_id else "segstream"
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def _install_signal_handlers(worker: Worker) -> Callable[[], None]:

@@ -14,8 +14,9 @@ heartbeat) runs as a task of one ``Supervisor``, so none can outlive the worker:
 A stage fails when its coroutine raises ``Exception``:
 
 - a **restartable** stage (a source, the control listener) is marked down (``on_down``), logged in
-  one line and started again after a delay of the ``Backoff``; a stage that ran for longer than the
-  backoff's cap before failing starts again from the shortest delay;
+  one line and started again after a delay of the ``Backoff`` (full jitter, never faster than its
+  attempt-rate floor); a stage that ran for longer than the backoff's cap before failing starts again
+  from the shortest delay;
 - a **critical** stage (the inference loop: batcher, model, publisher) cannot be restarted without
   losing track of frames in flight: it is marked down, logged in one line, recorded in ``failures``
   and the stop event is set, so the caller's shutdown sequence runs and the process exits non-zero.
@@ -64,14 +65,16 @@ StageFactory = Callable[[], Awaitable[None]]
 
 
 class RetryDelay(Protocol):
-    """What the supervisor needs of a backoff (``worker.retry.Backoff`` / ``sources.base.Backoff``)."""
+    """What the supervisor needs of a backoff (``worker.retry.Backoff``)."""
 
     @property
-    def maximum(self) -> float: ...
+    def max_s(self) -> float: ...
 
     def next_delay(self) -> float: ...
 
     def reset(self) -> None: ...
+
+    def pace(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +196,9 @@ class Supervisor:
                 return
             except Exception as exc:
                 on_down()
-                if self._clock() - started > backoff.maximum:
+                if self._clock() - started > backoff.max_s:
                     backoff.reset()  # it ran well for a while: this is a new problem
-                delay = backoff.next_delay()
+                delay = max(backoff.next_delay(), backoff.pace())  # pace: the attempt-rate floor
                 self.restarts[name] += 1
                 self._log_failure(name, exc, f"restarting it in {delay:.1f} s")
             if await self._stopped_within(delay):

@@ -132,7 +132,7 @@ def test_a_bad_pipeline_file(tmp_path: Path, models_dir: Path, import_s: float) 
 
 
 def test_a_pipeline_file_that_is_not_yaml(tmp_path: Path, import_s: float) -> None:
-    _check(*_run(tmp_path, "name: [unclosed\n", import_s), "is not valid YAML")
+    _check(*_run(tmp_path, "name: [unclosed\n", import_s), "invalid YAML")
 
 
 def test_an_http_port_in_use(tmp_path: Path, models_dir: Path, import_s: float) -> None:

@@ -13,8 +13,8 @@ from typing import Literal
 
 import pytest
 
-from tests.sinks.helpers import wait_until
 from tests.support.listener import counting_listener, most_attempts
+from tests.support.waiting import wait_until
 from tests.support.webhook import WebhookServer
 from worker.messages import FrameResult
 from worker.mqtt import BrokerConfig
