@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import pipeline_config, running, write_video
+from tests.integration.helpers import metric_value, parse_metrics, pipeline_config, running, write_video
 from tests.sinks.helpers import Collector
 from tests.support.mosquitto import MosquittoBroker
 from tests.support.waiting import wait_until
@@ -125,6 +125,8 @@ async def test_a_failed_live_source_is_restarted_and_detached_meanwhile(
     assert len(errors) == 1 and errors[0].startswith("stage source[file] failed: RuntimeError: reader bug")
     assert "restarting it in" in errors[0]
     assert memory.closed
+    samples = parse_metrics(worker.metrics.render()[0].decode())
+    assert metric_value(samples, "segstream_errors_total", reason="stage_failed") == 1
 
 
 async def test_a_failed_file_source_cannot_be_restarted_and_stops_the_worker(
