@@ -20,7 +20,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
@@ -486,37 +486,54 @@ async def _finish(tasks: Sequence[asyncio.Task[None]], timeout: float, late: str
     return not pending
 
 
-def _install_signal_handlers(worker: Worker) -> Callable[[], None]:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, worker.request_stop)
-            installed.append(sig)
+class _StopSignals:
+    """SIGTERM/SIGINT handlers for the whole run: before the worker exists (the model may take a while
+    to load) a signal is remembered and the worker stops as soon as it starts."""
 
-    def remove() -> None:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._installed: list[signal.Signals] = []
+        self._worker: Worker | None = None
+        self.received = False
 
-    return remove
+    def __enter__(self) -> _StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with suppress(NotImplementedError, RuntimeError):
+                self._loop.add_signal_handler(sig, self._on_signal)
+                self._installed.append(sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+
+    def attach(self, worker: Worker) -> None:
+        self._worker = worker
+        if self.received:
+            worker.request_stop()
+
+    def _on_signal(self) -> None:
+        self.received = True
+        if self._worker is not None:
+            self._worker.request_stop()
+        else:
+            log.info("stop requested while starting: the worker stops once it has started")
 
 
 async def run_worker(config: PipelineConfig, *, models_dir: Path | None = None) -> int:
     """Build and run one pipeline in the current event loop with signal handling; the exit code."""
-    try:
-        worker = await Worker.create(config, models_dir=models_dir)
-    except SegstreamError as exc:
-        log.error("%s", _one_line(exc))
-        return EXIT_FAILED
-    except Exception as exc:  # a bug, or a library error nobody turned into a SegstreamError
-        log.error("start-up failed: %s", describe_exception(exc))
-        log.debug("start-up failed", exc_info=exc)
-        return EXIT_FAILED
-    remove = _install_signal_handlers(worker)
-    try:
+    with _StopSignals() as signals:
+        try:
+            worker = await Worker.create(config, models_dir=models_dir)
+        except SegstreamError as exc:
+            log.error("%s", _one_line(exc))
+            return EXIT_FAILED
+        except Exception as exc:  # a bug, or a library error nobody turned into a SegstreamError
+            log.error("start-up failed: %s", describe_exception(exc))
+            log.debug("start-up failed", exc_info=exc)
+            return EXIT_FAILED
+        signals.attach(worker)
         return await worker.run()
-    finally:
-        remove()
 
 
 def run_pipeline_file(path: str | Path, *, models_dir: Path | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from worker.frame import Frame
 from worker.http_server import HealthState
 from worker.mqtt import BrokerConfig
 from worker.queues import FrameQueue
-from worker.runtime import Worker
+from worker.runtime import Worker, _StopSignals
 from worker.sinks import MemorySink
 from worker.sources.video import VideoSource
 from worker.step.executor import BatchResult, WorkflowRunner
@@ -233,3 +235,44 @@ async def test_messages_left_undelivered_at_the_end_exit_with_3(
     assert len(memory.results) == 4  # processed and published to the sinks ...
     assert code == EXIT_UNDELIVERED  # ... but the MQTT sink could not deliver them
     assert any("could not be delivered before exit" in message for message in _errors(caplog))
+
+
+async def test_a_bug_in_the_stop_sequence_still_closes_the_sinks(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: Worker, *args: object) -> bool:
+        raise RuntimeError("stop sequence bug")
+
+    monkeypatch.setattr(Worker, "_drain", broken)
+    video = write_video(tmp_path / "clip.avi", frames=3)
+    config = pipeline_config(
+        "drain-bug",
+        sources=[{"type": "video", "id": "file", "url": str(video)}],
+        sinks=[{"type": "jsonl", "path": str(tmp_path / "out.jsonl")}],
+        models_dir=models_dir,
+    )
+    memory = MemorySink()
+    worker = await Worker.create(config, extra_sinks=[memory])
+    with caplog.at_level(logging.INFO):
+        code = await asyncio.wait_for(worker.run(), timeout=60)
+    assert code == EXIT_FAILED
+    assert memory.closed
+    errors = _errors(caplog)
+    assert len(errors) == 1 and errors[0].startswith("worker failed: RuntimeError: stop sequence bug"), errors
+
+
+async def test_a_signal_while_the_worker_starts_stops_it_once_it_has_started() -> None:
+    stops: list[str] = []
+
+    class Started:
+        def request_stop(self) -> None:
+            stops.append("stop")
+
+    with _StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)  # while the model loads: no worker yet
+        await wait_until(lambda: signals.received, "the signal")
+        assert stops == []
+        signals.attach(Started())  # type: ignore[arg-type]
+        assert stops == ["stop"]
+        os.kill(os.getpid(), signal.SIGINT)
+        await wait_until(lambda: len(stops) == 2, "the second signal")
