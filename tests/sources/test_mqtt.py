@@ -282,30 +282,30 @@ async def test_unacknowledged_frames_come_back_after_a_stop_under_backpressure(
     assert len(ids) == 12  # nothing twice either: only queued frames were acknowledged
 
 
-def test_recent_messages_know_a_redelivery_by_packet_id_and_payload() -> None:
+def test_recent_messages_know_a_redelivery_by_packet_id_length_and_digest() -> None:
     from types import SimpleNamespace
 
-    from worker.sources.mqtt import _RecentMessages
+    from worker.sources.mqtt import _digest, _RecentMessages
 
-    def key(qos: int, mid: int, payload: bytes, limit: int = 1024) -> tuple[int, int, bytes] | None:
-        return _RecentMessages.key(SimpleNamespace(qos=qos, mid=mid), payload, limit)
+    def key(qos: int, mid: int, payload: bytes) -> tuple[int, int] | None:
+        return _RecentMessages.key(SimpleNamespace(qos=qos, mid=mid), payload)  # type: ignore[arg-type]
 
     recent = _RecentMessages(2)
     first = key(1, 7, b"frame-a")
-    assert first is not None and first not in recent
-    recent.add(first)
-    assert key(1, 7, b"frame-a") in recent
-    assert key(1, 7, b"frame-b") not in recent  # id reused
-    assert key(1, 8, b"frame-a") not in recent  # same bytes
+    assert first == (7, 7) and recent.candidate(first) is None
+    recent.add(first, _digest(b"frame-a"))
+    # only a message with the same id and length is a candidate, and only then is it hashed
+    assert recent.candidate(key(1, 7, b"frame-a")) == _digest(b"frame-a")
+    assert recent.candidate(key(1, 7, b"frame-b")) != _digest(b"frame-b")  # id reused, other bytes
+    assert recent.candidate(key(1, 8, b"frame-a")) is None  # same bytes, another id
+    assert recent.candidate(key(1, 7, b"frame-aa")) is None  # same id, another length
     assert key(0, 0, b"frame-a") is None  # QoS 0: never resent
-    # a payload over the limit (refused unread) is keyed by id and length, not hashed
-    assert key(1, 7, b"frame-a", limit=3) == (7, 7, b"")
-    recent.add(None)
+    recent.add(None, b"")
     for mid in (8, 9):
-        recent.add(key(1, mid, b"x"))
-    assert first not in recent  # bounded: the oldest is forgotten
+        recent.add(key(1, mid, b"x"), _digest(b"x"))
+    assert recent.candidate(first) is None  # bounded: the oldest is forgotten
     recent.clear()
-    assert key(1, 9, b"x") not in recent
+    assert recent.candidate(key(1, 9, b"x")) is None
 
 
 def test_config_bounds() -> None:
