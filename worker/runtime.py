@@ -263,6 +263,7 @@ class Worker:
             ),
             self.metrics,
             self.worker_id,
+            policy=self.config.control,
         )
         self.control = listener
         return loop.create_task(listener.run(), name="control")
