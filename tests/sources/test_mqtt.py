@@ -19,7 +19,7 @@ from tests.sources.conftest import ErrorSink, running, wait_for
 from tests.support.mosquitto import MosquittoBroker
 from worker.mqtt import BrokerConfig, make_client
 from worker.queues import FrameQueue
-from worker.sources.mqtt import MqttSource, MqttSourceConfig
+from worker.sources.mqtt import RESYNC_TARGET, MqttSource, MqttSourceConfig
 from worker.telemetry import RecordingTelemetry
 
 pytestmark = pytest.mark.integration
@@ -210,6 +210,9 @@ async def test_every_frame_under_a_slow_consumer_loses_nothing(
     # the broker may resend frames whose PUBACK it had not taken in before a resync: skipped, counted
     assert set(telemetry.dropped) <= {("line", "mqtt_duplicate")}
     assert consumer.max_depth <= 2
+    # flow control resyncs are counted apart from broker reconnects: the broker never went away
+    assert telemetry.reconnects["broker:source"] == 0
+    assert telemetry.reconnects[RESYNC_TARGET] >= 1
 
 
 async def test_broker_restart_reconnects_and_frames_flow_again(
@@ -316,3 +319,62 @@ def test_config_bounds() -> None:
     with pytest.raises(ValidationError, match="topic"):
         MqttSourceConfig(id="m", topic="$share/g/t")
     assert MqttSourceConfig(id="m", topic="a/#", shared_group="g").subscription == "$share/g/a/#"
+
+
+async def test_payload_digests_are_computed_off_the_event_loop(
+    mosquitto: MosquittoBroker, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import worker.sources.mqtt as mqtt_source
+
+    threads: list[str] = []
+    real = mqtt_source._digest
+
+    def recording(payload: bytes) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(payload)
+
+    monkeypatch.setattr(mqtt_source, "_digest", recording)
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry)
+    async with running(source, FrameQueue("line", 8, "every_frame")) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, [encode(image(n)) for n in range(5)] + [b"not an image"])
+        await wait_for(lambda: len(consumer.frames) == 5 and len(threads) == 6, what="5 frames, 6 digests")
+    assert threading.main_thread().name not in threads
+    assert all(name.startswith("source[line].decode") for name in threads), threads
+
+
+async def test_decoded_images_alive_in_the_worker_stay_within_the_inflight_budget(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    # 24x32 BGR = 2304 bytes per image; room for one more 4096-byte image only while <= 4096 are held
+    source = make_source(mosquitto, topic, telemetry, max_decoded_bytes=4096, max_inflight_bytes=8192)
+    queue = FrameQueue("line", 64, "every_frame")
+    async with running(source, queue) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, [encode(image(n), ".png") for n in range(6)])
+        budget = source._budget
+        assert budget is not None
+        # the consumer keeps every frame it took: the source stops decoding at the budget
+        await wait_for(lambda: len(consumer.frames) == 2 and budget.waiting, what="the budget to be full")
+        assert source.inflight_bytes == 2 * 2304 and len(queue) == 0
+        taken = 2
+        while taken < 6:  # frames the rest of the worker lets go free the budget
+            consumer.frames.clear()
+            await wait_for(lambda: len(consumer.frames) > 0, what="the next frames")
+            assert source.inflight_bytes <= 8192
+            taken += len(consumer.frames)
+        assert taken == 6
+        consumer.frames.clear()
+        await wait_for(lambda: source.inflight_bytes == 0, what="every image freed")
+    assert telemetry.received["line"] == 6 and not telemetry.dropped
+
+
+def test_inflight_budget_must_hold_two_images() -> None:
+    with pytest.raises(ValidationError, match="at least 2 x max_decoded_bytes"):
+        MqttSourceConfig(id="m", topic="t", max_decoded_bytes=10**6, max_inflight_bytes=10**6)

@@ -244,6 +244,8 @@ class _InflightBudget:
         self._lock = threading.Lock()
         self._freed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        #: True while ``admit`` waits for room
+        self.waiting = False
 
     @property
     def used(self) -> int:
@@ -265,16 +267,22 @@ class _InflightBudget:
 
     async def admit(self, need: int, pool: BlockingPool) -> None:
         waited = 0
-        while self.used + need > self.limit:
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), 1.0)
-            except TimeoutError:
-                waited += 1
-                if waited % 2 == 0:
-                    # images kept alive only by reference cycles (an exception's traceback holding
-                    # its batch) are freed by the cyclic collector; do not wait for it to run by chance
-                    await pool.run(gc.collect)
+        try:
+            while self.used + need > self.limit:
+                self.waiting = True
+                self._freed.clear()
+                if self.used + need <= self.limit:  # freed between the check and the clear
+                    break
+                try:
+                    await asyncio.wait_for(self._freed.wait(), 1.0)
+                except TimeoutError:
+                    waited += 1
+                    if waited % 2 == 0:
+                        # images kept alive only by reference cycles (an exception's traceback holding
+                        # its batch) are freed by the cyclic collector; do not wait for it by chance
+                        await pool.run(gc.collect)
+        finally:
+            self.waiting = False
 
 
 @dataclass(slots=True)
