@@ -232,8 +232,14 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             and ``.step`` its step for a problem inside the workflow's steps.
     """
     p = Path(path)
-    doc = read_document(p)
     try:
+        doc = read_document(p)
         return PipelineConfig.model_validate(doc)
     except ValidationError as exc:
         raise config_error(exc, doc, f"pipeline file {p}") from exc
+    except ConfigError:
+        raise
+    except (RecursionError, ValueError, TypeError, OverflowError, OSError) as exc:
+        # hostile or broken files the loader lets through: nesting deeper than the validators'
+        # recursion, integers of more than 4,300 digits (int/str conversion limit) ...
+        raise ConfigError(f"{p} cannot be read as a pipeline file: {type(exc).__name__}: {exc}") from None

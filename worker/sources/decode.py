@@ -52,6 +52,7 @@ __all__ = [
     "FRAME_JSON_LIMITS",
     "FramePayload",
     "decode_image",
+    "decode_payload",
     "decoded_bytes_estimate",
     "image_size",
     "parse_payload",
@@ -357,3 +358,20 @@ def parse_payload(payload: bytes, *, max_bytes: int) -> FramePayload:
         raise
     except (ValueError, TypeError, OverflowError) as exc:  # JsonLimitError is a ValueError
         raise FrameDecodeError(f"bad JSON payload: {exc}", frame_id=frame_id) from None
+
+
+def decode_payload(
+    payload: bytes, *, max_bytes: int, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> tuple[FramePayload, np.ndarray]:
+    """:func:`parse_payload` then :func:`decode_image`: the whole path of one frame payload.
+
+    Raises:
+        FrameDecodeError: as those two do, always with the sender's ``frame_id`` when it was read.
+    """
+    parsed = parse_payload(payload, max_bytes=max_bytes)
+    try:
+        return parsed, decode_image(parsed.image, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
+    except FrameDecodeError as exc:
+        if exc.frame_id is None:
+            exc.frame_id = parsed.frame_id
+        raise

@@ -94,7 +94,7 @@ from worker.messages import ErrorReport
 from worker.mqtt import BrokerConfig, make_client
 from worker.queues import FramePolicy, FrameQueue, QueueClosed
 from worker.sources.base import Backoff, ErrorCallback
-from worker.sources.decode import DEFAULT_MAX_DECODED_BYTES, FramePayload, decode_image, parse_payload
+from worker.sources.decode import DEFAULT_MAX_DECODED_BYTES, FramePayload, decode_payload
 from worker.sources.video import SOURCE_ID_PATTERN
 from worker.telemetry import NullTelemetry, Telemetry
 
@@ -335,13 +335,10 @@ def _decode(payload: bytes, max_bytes: int, max_pixels: int, max_decoded_bytes: 
     returned in the result (with the sender's ``frame_id`` when it was read), never raised."""
     decoded = _Decoded(digest=_digest(payload))
     try:
-        decoded.parsed = parse_payload(payload, max_bytes=max_bytes)
-        decoded.image = decode_image(
-            decoded.parsed.image, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes
+        decoded.parsed, decoded.image = decode_payload(
+            payload, max_bytes=max_bytes, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes
         )
     except FrameDecodeError as exc:
-        if exc.frame_id is None and decoded.parsed is not None:
-            exc.frame_id = decoded.parsed.frame_id
         decoded.error = exc
     return decoded
 
