@@ -378,3 +378,38 @@ async def test_decoded_images_alive_in_the_worker_stay_within_the_inflight_budge
 def test_inflight_budget_must_hold_two_images() -> None:
     with pytest.raises(ValidationError, match="at least 2 x max_decoded_bytes"):
         MqttSourceConfig(id="m", topic="t", max_decoded_bytes=10**6, max_inflight_bytes=10**6)
+
+
+async def test_an_unexpected_exception_on_one_message_is_reported_and_the_source_goes_on(
+    mosquitto: MosquittoBroker,
+    unique_topic: str,
+    errors: ErrorSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import worker.sources.mqtt as mqtt_source
+
+    real = mqtt_source.decode_payload
+
+    def buggy(payload: bytes, **limits: int) -> object:
+        if payload.startswith(b"BUG"):
+            raise KeyError("a bug in the decoder")  # not a FrameDecodeError: a bug
+        return real(payload, **limits)
+
+    monkeypatch.setattr(mqtt_source, "decode_payload", buggy)
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry, errors)
+    with caplog.at_level("ERROR", logger="worker.sources.mqtt"):
+        async with running(source, FrameQueue("line", 8, "every_frame")) as consumer:
+            await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+            await publish(mosquitto, topic, [b"BUG-1", GOOD, b"BUG-2", GOOD])
+            await wait_for(lambda: len(consumer.frames) == 2 and len(errors.reports) == 2, what="all four")
+    assert errors.reasons() == ["internal_error", "internal_error"]
+    assert [r.frame_number for r in errors.reports] == [0, 2]
+    assert [f.frame_number for f in consumer.frames] == [1, 3]
+    logged = [r for r in caplog.records if r.name == "worker.sources.mqtt" and r.levelname == "ERROR"]
+    assert (
+        len(logged) == 2 and logged[0].exc_info is not None and logged[1].exc_info is None
+    )  # traceback once
+    assert telemetry.dropped == {("line", "internal_error"): 2}

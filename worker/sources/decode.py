@@ -174,15 +174,14 @@ def decoded_bytes_estimate(data: bytes) -> int | None:
     return None if size is None else size[0] * size[1] * 3
 
 
-def decode_image(
-    data: bytes, *, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
-) -> np.ndarray:
+def decode_image(data: bytes, *, max_pixels: int, max_decoded_bytes: int | None = None) -> np.ndarray:
     """Decode JPEG/PNG bytes to a ``(H, W, 3)`` uint8 BGR image, checking the header first.
 
     Args:
         data: the encoded image.
         max_pixels: the largest width x height accepted.
-        max_decoded_bytes: the most bytes decoding may allocate (see :func:`decoded_bytes_estimate`).
+        max_decoded_bytes: the most bytes decoding may allocate (see :func:`decoded_bytes_estimate`);
+            None: only ``max_pixels`` bounds it.
 
     Returns:
         The BGR image (gray and alpha images are converted; 16-bit PNGs are scaled to 8 bits).
@@ -205,7 +204,7 @@ def decode_image(
             reason="oversize",
         )
     estimate = decoded_bytes_estimate(data) or 0
-    if estimate > max_decoded_bytes:
+    if max_decoded_bytes is not None and estimate > max_decoded_bytes:
         raise FrameDecodeError(
             f"image of {width}x{height} needs {estimate} bytes decoded; "
             f"max_decoded_bytes={max_decoded_bytes}",
@@ -361,7 +360,7 @@ def parse_payload(payload: bytes, *, max_bytes: int) -> FramePayload:
 
 
 def decode_payload(
-    payload: bytes, *, max_bytes: int, max_pixels: int, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    payload: bytes, *, max_bytes: int, max_pixels: int, max_decoded_bytes: int | None = None
 ) -> tuple[FramePayload, np.ndarray]:
     """:func:`parse_payload` then :func:`decode_image`: the whole path of one frame payload.
 

@@ -246,6 +246,8 @@ class _InflightBudget:
         self._loop = asyncio.get_running_loop()
         #: True while ``admit`` waits for room
         self.waiting = False
+        #: how many payloads had to wait for room (back-pressure from the rest of the worker)
+        self.waits = 0
 
     @property
     def used(self) -> int:
@@ -267,6 +269,8 @@ class _InflightBudget:
 
     async def admit(self, need: int, pool: BlockingPool) -> None:
         waited = 0
+        if self.used + need > self.limit:
+            self.waits += 1
         try:
             while self.used + need > self.limit:
                 self.waiting = True
@@ -339,7 +343,9 @@ def _decode(payload: bytes, max_bytes: int, max_pixels: int, max_decoded_bytes: 
             payload, max_bytes=max_bytes, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes
         )
     except FrameDecodeError as exc:
-        decoded.error = exc
+        # without its traceback: that holds this frame, whose ``decoded`` holds the error (a cycle
+        # that would keep the payload alive until the cyclic collector runs)
+        decoded.error = exc.with_traceback(None)
     return decoded
 
 

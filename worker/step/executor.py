@@ -320,6 +320,10 @@ class WorkflowRunner:
         for i, outcome in enumerate(outcomes):
             if outcome.error is None:
                 outcome.outputs = self._assemble(step_values[i])
+            else:
+                # the traceback holds this call's frame, whose locals hold the whole batch (images
+                # included): a reference cycle only the cyclic collector would free, much later
+                outcome.error.__traceback__ = None
         return BatchResult(outcomes, model_seconds, post_seconds)
 
     def _infer(
