@@ -75,7 +75,7 @@ __all__ = [
     "MAX_CONTROL_BYTES",
     "SIGNATURE_PROPERTY",
     "ControlListener",
-    "ControlMessage",
+    "ControlUpdate",
     "parse_control_message",
     "parse_control_payload",
     "sign_control_message",
@@ -100,7 +100,7 @@ _REPLAY_MEMORY = 4096
 
 
 @dataclass(frozen=True, slots=True)
-class ControlMessage:
+class ControlUpdate:
     """A parsed control message: the new input values and, when signed, who sent it and when."""
 
     inputs: dict[str, Any]
@@ -108,7 +108,7 @@ class ControlMessage:
     issued_at: float | None = None
 
 
-def parse_control_message(payload: bytes) -> ControlMessage:
+def parse_control_message(payload: bytes) -> ControlUpdate:
     """Parse one control message (total: any bytes return or raise ``ParameterError``).
 
     Raises:
@@ -143,7 +143,7 @@ def parse_control_message(payload: bytes) -> ControlMessage:
         ):
             raise ParameterError("'issued_at' must be Unix seconds")
         issued_at = float(issued_at)
-    return ControlMessage(inputs=inputs, sender=sender, issued_at=issued_at)
+    return ControlUpdate(inputs=inputs, sender=sender, issued_at=issued_at)
 
 
 def parse_control_payload(payload: bytes) -> dict[str, Any]:
@@ -281,7 +281,7 @@ class ControlListener:
         return {"ok": False, "error": error, "worker": self.worker_id}
 
     def _authorise(
-        self, message: ControlMessage, payload: bytes, properties: Mapping[str, str], topic: str
+        self, message: ControlUpdate, payload: bytes, properties: Mapping[str, str], topic: str
     ) -> str:
         """Who sent ``message`` (the signing sender, or ``unauthenticated`` when no senders are
         configured); ``ParameterError`` when the signature does not hold."""
