@@ -1,5 +1,6 @@
-"""The pipeline-file loader is total: whatever the file holds, ``load_pipeline`` returns a config or
-raises ``ConfigError`` (deep nesting, huge numbers, random bytes, structured YAML/JSON of any shape)."""
+"""The pipeline-file and workflow loaders are total: whatever the file holds, ``load_pipeline`` /
+``load_workflow`` return or raise ``ConfigError`` (deep nesting, huge numbers, random bytes, structured
+YAML/JSON of any shape)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from tests.integration.helpers import workflow_v4
 from worker.config import PipelineConfig, load_pipeline
 from worker.errors import ConfigError
+from worker.step.workflow import WorkflowDefinition, load_workflow
 
 FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -100,3 +102,63 @@ def test_random_bytes(data: bytes, suffix: str) -> None:
 @example("- !!python/object:os.system [ls]")
 def test_yaml_syntax_soup(text: str) -> None:
     _load(text.encode(), ".yaml")
+
+
+def _load_workflow(source: Any) -> WorkflowDefinition | ConfigError:
+    try:
+        return load_workflow(source)
+    except ConfigError as exc:
+        assert str(exc)
+        return exc
+
+
+def _deep_dict(depth: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    node = doc
+    for _ in range(depth):
+        node["a"] = {}
+        node = node["a"]
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [
+        ("deep-mapping", {**workflow_v4(), "steps": [_deep_dict(3000)]}),
+        ("deep-json-string", "{" + '"a": {' * 3000 + "}" * 3001),
+        ("deep-list", {**workflow_v4(), "inputs": [[[[[[]]]]], _deep_dict(2000)]}),
+        ("huge-int", {**workflow_v4(), "version": 10**5000}),
+    ],
+)
+def test_hostile_workflows_are_config_errors(name: str, source: Any) -> None:
+    assert isinstance(_load_workflow(source), ConfigError), name
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, '{"version": ' + "9" * 5000 + "}"])
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_hostile_workflow_files_are_config_errors(text: str, suffix: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"workflow{suffix}"
+        path.write_text(text)
+        assert isinstance(_load_workflow(path), ConfigError)
+
+
+workflow_sections = st.sampled_from(["version", "inputs", "steps", "outputs", "extra"])
+
+
+@FUZZ
+@given(st.dictionaries(workflow_sections, json_values, max_size=3))
+def test_a_valid_workflow_with_sections_replaced_by_anything(changes: dict[str, Any]) -> None:
+    _load_workflow({**workflow_v4(), **changes})
+
+
+@FUZZ
+@given(st.lists(json_values, max_size=3), json_values)
+def test_a_step_with_fields_replaced_by_anything(fields: list[Any], value: Any) -> None:
+    doc = workflow_v4()
+    step = dict(doc["steps"][0])
+    names = ["confidence_mode", "custom_confidence", "class_filter", "max_detections"]
+    for name, item in zip(names, fields, strict=False):
+        step[name] = item
+    step["iou_threshold"] = value
+    _load_workflow({**doc, "steps": [step]})
