@@ -191,9 +191,9 @@ async def test_every_frame_under_a_slow_consumer_loses_nothing(
 ) -> None:
     telemetry = RecordingTelemetry()
     topic = f"{unique_topic}/frames"
-    # Receive Maximum 4 asks the broker for at most 4 unacknowledged frames; the fixture's mosquitto
-    # allows 100 in flight and (2.0.11) lets one more through per PUBACK, so the incoming queue
-    # (2 x 4) overflows: the source must hold those back unacknowledged and have them redelivered
+    # Receive Maximum 4 asks the broker for at most 4 unacknowledged frames; mosquitto 2.0.11 sends many
+    # more, so the incoming queue (2 x 4) would overflow: the source stops reading the socket at 4
+    # queued messages instead, and the broker keeps the rest in the session
     source = make_source(mosquitto, topic, telemetry, receive_maximum=4)
     queue = FrameQueue("line", 2, "every_frame", telemetry)
     payload = encode(image(10), ".png")
@@ -210,9 +210,35 @@ async def test_every_frame_under_a_slow_consumer_loses_nothing(
     # the broker may resend frames whose PUBACK it had not taken in before a resync: skipped, counted
     assert set(telemetry.dropped) <= {("line", "mqtt_duplicate")}
     assert consumer.max_depth <= 2
-    # flow control resyncs are counted apart from broker reconnects: the broker never went away
-    assert telemetry.reconnects["broker:source"] == 0
-    assert telemetry.reconnects[RESYNC_TARGET] >= 1
+    # back-pressure by not reading the socket: no resync (reconnect) was needed, the broker never went away
+    assert source.read_pauses >= 1
+    assert telemetry.reconnects["broker:source"] == 0 and telemetry.reconnects[RESYNC_TARGET] == 0
+
+
+async def test_when_the_incoming_queue_overflows_anyway_a_resync_is_counted_apart_and_loses_nothing(
+    mosquitto: MosquittoBroker, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.sources.mqtt as mqtt_source
+
+    # without the read pause (as with a client that cannot pause), the broker overfills the queue
+    monkeypatch.setattr(mqtt_source._ReadPause, "pause", lambda self: None)
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry, receive_maximum=4)
+    queue = FrameQueue("line", 2, "every_frame", telemetry)
+    payload = encode(image(10), ".png")
+    n = 150
+    frames = [
+        json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": i}).encode() for i in range(n)
+    ]
+    async with running(source, queue, delay=0.003) as consumer:
+        await wait_for(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, frames)
+        await wait_for(lambda: len(consumer.frames) == n, what="every frame", within_s=60)
+    assert [f.frame_id for f in consumer.frames] == [str(i) for i in range(n)]  # in order, none twice
+    assert set(telemetry.dropped) <= {("line", "mqtt_duplicate")}
+    # resyncs are counted apart from broker reconnects: dashboards of broker health stay quiet
+    assert telemetry.reconnects[RESYNC_TARGET] >= 1 and telemetry.reconnects["broker:source"] == 0
 
 
 async def test_broker_restart_reconnects_and_frames_flow_again(

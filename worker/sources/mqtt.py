@@ -33,6 +33,12 @@ Nothing silently lost (QoS 1, ``every_frame``):
   processed, the source reconnects at once (``"resync"``) and the persistent session redelivers the
   refused messages first, in order. Nothing is lost and order is kept; refused QoS 0 messages are
   lost and counted as ``frames_dropped_total{reason="mqtt_queue_full"}``.
+- *Back-pressure without reconnecting.* Before it comes to that, the source stops reading the
+  broker's socket when the incoming queue holds ``receive_maximum`` messages and reads again once it
+  has drained below (``_ReadPause``): TCP flow control makes the broker keep the rest in the session,
+  nothing is refused and no reconnect is needed. Against mosquitto 2.0.11, which ignores Receive
+  Maximum, a slow consumer of 150 frames with ``receive_maximum: 4`` took 18 resync reconnects
+  without it and none with it. Sealing and resync remain the last resort.
 - *Persistent session.* A stable client id, ``clean_start=False`` and a session expiry interval make
   the broker keep the subscription and queue QoS 1 frames while the worker is disconnected; they are
   delivered (with unacknowledged in-flight ones) after it reconnects. Delivery is at-least-once: a frame
@@ -77,6 +83,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -178,6 +185,67 @@ class _Overflow:
     def __init__(self) -> None:
         self.sealed = False
         self.held_back = 0
+        #: set once connected: stops reading the socket at the high-water mark (see ``_ReadPause``)
+        self.reader: _ReadPause | None = None
+
+
+class _ReadPause:
+    """Back-pressure through TCP: stop reading the broker's socket while the incoming queue is at its
+    high-water mark, read again once it has drained below it.
+
+    Brokers do not always keep the Receive Maximum (mosquitto 2.0.11 sends far more unacknowledged
+    messages than asked, whatever its ``max_inflight_messages``), and MQTT has no way to get a refused
+    message back without reconnecting. Not reading makes the broker keep the rest in its session
+    queue instead, so the incoming queue rarely overflows and a resync (a reconnect) is the last
+    resort, not the flow control. While paused nothing is read, PINGRESP included: a pause longer than
+    the keepalive ends in a lost connection (reconnect with backoff), so the queue's frames must be
+    processed within it.
+
+    aiomqtt 2.5 registers its own reader on the socket and has no pause; this class removes it and
+    puts back an equivalent one (``loop_read`` until the TLS buffer is empty; an exception ends the
+    connection the way aiomqtt's does). Like ``_configure_flow_control``, it touches aiomqtt internals.
+    """
+
+    def __init__(self, client: aiomqtt.Client, on_pause: Callable[[], None]) -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = None
+        self._on_pause = on_pause
+        self.paused = False
+
+    def pause(self) -> None:
+        if self.paused:
+            return
+        sock = self._client._client.socket()
+        if sock is None:
+            return
+        self._fd = sock.fileno()
+        self._loop.remove_reader(self._fd)
+        self.paused = True
+        self._on_pause()
+
+    def resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        sock = self._client._client.socket()
+        if sock is None or sock.fileno() != self._fd:  # the connection is gone meanwhile
+            return
+        self._loop.add_reader(self._fd, self._read)
+
+    def _read(self) -> None:
+        paho = self._client._client
+        try:
+            while True:
+                paho.loop_read()
+                sock = paho.socket()
+                if sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                    continue
+                break
+        except Exception as exc:  # as aiomqtt's reader: a broken connection ends the session
+            disconnected = self._client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
 
 
 class _RecentMessages:
@@ -300,17 +368,20 @@ class _Decoded:
 
 
 def _incoming_queue(
-    telemetry: Telemetry, source_id: str, overflow: _Overflow
+    telemetry: Telemetry, source_id: str, overflow: _Overflow, high_water: int
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
     class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
-        """aiomqtt's incoming queue. Once full it is sealed: every later message is refused too (so
-        the ones it holds stay the oldest), QoS 1 ones stay unacknowledged for redelivery, QoS 0
-        ones are lost and counted."""
+        """aiomqtt's incoming queue. At ``high_water`` messages the socket stops being read
+        (``_ReadPause``). Once full anyway it is sealed: every later message is refused too (so the
+        ones it holds stay the oldest), QoS 1 ones stay unacknowledged for redelivery, QoS 0 ones are
+        lost and counted."""
 
         def put_nowait(self, item: aiomqtt.Message) -> None:
             if not overflow.sealed:
                 try:
                     super().put_nowait(item)
+                    if self.qsize() >= high_water and overflow.reader is not None:
+                        overflow.reader.pause()
                     return
                 except asyncio.QueueFull:
                     overflow.sealed = True
@@ -375,6 +446,8 @@ class MqttSource:
         self._budget: _InflightBudget | None = None
         #: exception types already logged with a traceback (later ones get one line each)
         self._unexpected_seen: set[str] = set()
+        #: times the broker's socket stopped being read because the incoming queue was at its mark
+        self.read_pauses = 0
         self._stop_requested = asyncio.Event()
         # worker.ids: the process's worker id (unique per process unless the user fixes it) + the role
         worker = worker_id or make_worker_id(pipeline or "segstream", prefix=broker.client_id)
@@ -395,7 +468,7 @@ class MqttSource:
             clean_start=False,
             session_expiry_s=cfg.session_expiry_s or None,
             max_queued_incoming_messages=2 * cfg.receive_maximum,
-            queue_type=_incoming_queue(self.telemetry, cfg.id, overflow),
+            queue_type=_incoming_queue(self.telemetry, cfg.id, overflow, high_water=cfg.receive_maximum),
             logger=_client_log,
         )
         _configure_flow_control(client, v5=self.broker.protocol == "5", receive_maximum=cfg.receive_maximum)
@@ -462,9 +535,12 @@ class MqttSource:
                 log.info(
                     "source %s: subscribed to %s as %s", self.source_id, cfg.subscription, self.client_id
                 )
+                overflow.reader = reader = _ReadPause(client, self._count_read_pause)
                 async for message in client.messages:
                     if not await self._handle(client, message, queue):
                         return "closed"
+                    if reader.paused and not overflow.sealed and len(client.messages) < cfg.receive_maximum:
+                        reader.resume()
                     if overflow.sealed and len(client.messages) == 0:
                         log.warning(
                             "source %s: the broker sent more than receive_maximum=%d frames; %d held "
@@ -479,6 +555,9 @@ class MqttSource:
         finally:
             self.telemetry.source_connected(self.source_id, False)
         return "lost"
+
+    def _count_read_pause(self) -> None:
+        self.read_pauses += 1
 
     @property
     def inflight_bytes(self) -> int:
