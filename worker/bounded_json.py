@@ -3,8 +3,12 @@
 ``json.loads`` alone is not total on hostile input: a document nested ~1,000 deep raises
 ``RecursionError``, an integer of more than 4,300 digits raises a ``ValueError`` about int/str
 conversion, and an integer of a few hundred digits parses but later overflows ``float()`` or
-``math.isfinite``. :func:`loads_bounded` parses with hooks that never build such a number (an
-oversized, non-finite or ``NaN``/``Infinity`` number becomes a :class:`BadNumber` marker) and
+``math.isfinite``. :func:`loads_bounded` first measures the nesting depth without parsing (the
+structure left once the strings are cut out, counted in chunks with numpy) and refuses a document
+nested deeper than ``max_depth`` before the recursive parser sees it — recursing ~1,000 deep is not
+only an error but a hazard: the garbage collector can run finalizers at that depth, which then fail
+with ``RecursionError`` themselves. It then parses with hooks that never build an out-of-range number
+(an oversized, non-finite or ``NaN``/``Infinity`` number becomes a :class:`BadNumber` marker) and
 turns every parse failure into :class:`JsonLimitError`; :func:`check_bounds` then walks the
 document once, iteratively, and refuses it past any of the :class:`JsonLimits` (nesting depth,
 element count, string and key length, any ``BadNumber``), naming the path of the offending value.
@@ -24,8 +28,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 __all__ = ["BadNumber", "JsonLimitError", "JsonLimits", "check_bounds", "loads_bounded"]
 
@@ -77,12 +84,48 @@ class JsonLimits:
     long_string_keys: frozenset[str] = frozenset()
 
 
+#: a JSON string (unrolled: no per-character alternation, so a megabyte of base64 is one fast run)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_CHUNK = 1 << 20
+_OPEN = frozenset(b"[{")
+
+
+def nesting_depth(text: str) -> int:
+    """How deep ``[``/``{`` nest in ``text`` outside its strings (no parsing, no recursion).
+
+    Example:
+        >>> nesting_depth('{"a": [1, {"b": "[[["}]}')
+        3
+    """
+    structure = _STRING.sub("", text).encode("ascii", "replace")
+    deepest = depth = 0
+    for start in range(0, len(structure), _CHUNK):
+        chunk = np.frombuffer(structure, np.uint8, count=min(_CHUNK, len(structure) - start), offset=start)
+        steps = (np.isin(chunk, (0x5B, 0x7B))).astype(np.int32) - np.isin(chunk, (0x5D, 0x7D)).astype(
+            np.int32
+        )
+        if not steps.any():
+            continue
+        levels = np.cumsum(steps) + depth
+        deepest = max(deepest, int(levels.max()))
+        depth = int(levels[-1])
+    return deepest
+
+
 def loads_bounded(data: bytes | str, limits: JsonLimits) -> Any:
     """Parse ``data``; numbers past the bounds become :class:`BadNumber`, never an exception.
 
     Raises:
-        JsonLimitError: not UTF-8, not JSON, or nested too deep for the parser itself.
+        JsonLimitError: not UTF-8, not JSON, or nested deeper than ``limits.max_depth``.
     """
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JsonLimitError(f"not JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    depth = nesting_depth(data)
+    if depth > limits.max_depth:
+        raise JsonLimitError(f"$: nested {depth} deep, deeper than {limits.max_depth}")
 
     def parse_int(text: str) -> int | BadNumber:
         digits = len(text) - (text[0] == "-")
