@@ -688,15 +688,15 @@ class MqttSource:
     def _send_report(self, reason: str, message: str, frame_id: str, number: int) -> None:
         if self.on_error is None:
             return
-        report = ErrorReport(
-            pipeline=self.pipeline,
-            source_id=self.source_id,
-            reason=reason,
-            message=message[:2000],
-            frame_id=frame_id,
-            frame_number=number,
-        )
         try:
+            report = ErrorReport(
+                pipeline=self.pipeline,
+                source_id=self.source_id,
+                reason=reason,
+                message=message[:2000],
+                frame_id=frame_id,
+                frame_number=number,
+            )
             self.on_error(report)
         except Exception:  # the error path itself must not stop the source
             log.exception("source %s: reporting the error of frame %d failed", self.source_id, number)
