@@ -76,7 +76,10 @@ def listener(
         (b"not json", pytest.raises(ParameterError, match="not JSON")),
         (b"\xff\xfe\x00", pytest.raises(ParameterError, match="not JSON")),
         (b"[" * 1000 + b"]" * 1000, pytest.raises(ParameterError, match="nested")),
-        (b'{"inputs": {"a": [[[[1]]]]}}', pytest.raises(ParameterError, match="nested 6 deep, deeper than 4")),
+        (
+            b'{"inputs": {"a": [[[[1]]]]}}',
+            pytest.raises(ParameterError, match="nested 6 deep, deeper than 4"),
+        ),
         (
             b'{"inputs": {"confidence": ' + b"9" * 400 + b"}}",
             pytest.raises(ParameterError, match="out of range"),
