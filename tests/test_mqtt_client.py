@@ -36,3 +36,25 @@ async def test_password_from_env_and_file(tmp_path: Path, monkeypatch: pytest.Mo
         assert "s3cret" not in repr(cfg) and "s3cret" not in cfg.describe()
     finally:
         broker.stop()
+
+
+def test_an_inline_password_is_refused_with_where_to_put_it() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"must not be written in the pipeline file.*password_env"):
+        BrokerConfig.model_validate({"host": "broker", "password": "s3cret"})
+    assert BrokerConfig.model_validate({"host": "broker", "password": None}).password is None
+
+
+async def test_insecure_skip_verify_is_logged_once_per_broker(caplog: pytest.LogCaptureFixture) -> None:
+    from worker.mqtt import TlsConfig
+
+    cfg = BrokerConfig(host="insecure.test", port=8883, tls=TlsConfig(insecure_skip_verify=True))
+    verified = BrokerConfig(host="verified.test", port=8883, tls=TlsConfig())
+    with caplog.at_level("WARNING", logger="worker.mqtt"):
+        for _ in range(3):  # every reconnect makes a client
+            make_client(cfg, identifier="x")
+        make_client(verified, identifier="y")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.mqtt"]
+    assert len(warnings) == 1
+    assert "insecure_skip_verify" in warnings[0] and "mqtts://insecure.test:8883" in warnings[0]

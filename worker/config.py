@@ -12,12 +12,15 @@ section names).
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.documents import config_error, read_document
+from worker.errors import ConfigError
 from worker.mqtt import BrokerConfig
 from worker.sinks import SinkConfig
 from worker.sources import SourceConfig
@@ -27,6 +30,7 @@ __all__ = [
     "AnnotatedVideoConfig",
     "BatchingConfig",
     "ControlConfig",
+    "ControlSender",
     "HttpConfig",
     "ModelRuntimeConfig",
     "PipelineConfig",
@@ -87,11 +91,79 @@ class HttpConfig(_Strict):
     preview_fps: float = Field(5.0, gt=0, le=30)
 
 
+class ControlSender(_Strict):
+    """One sender allowed to sign control messages, and where its shared secret is (never inline)."""
+
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secret_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ControlSender:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret_env or secret_file")
+        return self
+
+    def secret(self, name: str) -> bytes:
+        """The secret's bytes (surrounding whitespace stripped).
+
+        Raises:
+            ConfigError: the variable is unset or empty, or the file cannot be read or is empty.
+        """
+        if self.secret_env is not None:
+            value = os.environ.get(self.secret_env, "").strip()
+            where = f"environment variable {self.secret_env}"
+        else:
+            assert self.secret_file is not None
+            try:
+                value = self.secret_file.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"control sender {name!r}: cannot read {self.secret_file}: {exc}") from None
+            where = str(self.secret_file)
+        if len(value) < 16:
+            raise ConfigError(
+                f"control sender {name!r}: the secret in {where} is missing or shorter than 16 characters"
+            )
+        return value.encode()
+
+
 class ControlConfig(_Strict):
-    """A topic where new values for the workflow's runtime inputs arrive (needs a broker)."""
+    """A topic where new values for the workflow's runtime inputs arrive (needs a broker).
+
+    Who may use it (see ``worker.control``): the broker's ACL first (``deploy/mosquitto/acl``), then
+    optionally signed messages from named ``senders`` (HMAC-SHA256, MQTT v5 user property
+    ``signature``); retained messages are refused unless ``accept_retained``; ``allowed_inputs``
+    limits which inputs may change. Values are checked against the step's own types and ranges.
+    """
 
     enabled: bool = True
     topic: str = "segstream/{pipeline}/control"
+    accept_retained: bool = Field(
+        False, description="apply a retained control message (at every start); off: refused"
+    )
+    senders: dict[str, ControlSender] = Field(
+        default_factory=dict,
+        description="senders whose signed messages are accepted; when set, unsigned messages are refused",
+    )
+    max_age_s: float = Field(60.0, gt=0, le=3600, description="a signed message's issued_at window")
+    allowed_inputs: list[str] | None = Field(
+        None, description="the inputs the control topic may change (default: every parameter input)"
+    )
+
+    @field_validator("senders")
+    @classmethod
+    def _sender_names(cls, senders: dict[str, ControlSender]) -> dict[str, ControlSender]:
+        for name in senders:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
+                raise ValueError(f"sender name {name!r}: 1..64 letters, digits, '_', '.', '@', '-'")
+        return senders
+
+    def sender_secrets(self) -> dict[str, bytes]:
+        """``{sender: secret}`` (read now, from the environment or the files).
+
+        Raises:
+            ConfigError: a secret is missing or too short.
+        """
+        return {name: sender.secret(name) for name, sender in self.senders.items()}
 
 
 class AnnotatedVideoConfig(_Strict):
@@ -132,6 +204,14 @@ class PipelineConfig(_Strict):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @model_validator(mode="after")
+    def _signed_control_needs_v5(self) -> PipelineConfig:
+        if self.control.enabled and self.control.senders and self.broker and self.broker.protocol != "5":
+            raise ValueError(
+                "control.senders needs broker.protocol '5' (the signature is an MQTT v5 user property)"
+            )
+        return self
+
     @field_validator("sources")
     @classmethod
     def _unique_sources(cls, sources: list[Any]) -> list[Any]:
@@ -157,8 +237,14 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             and ``.step`` its step for a problem inside the workflow's steps.
     """
     p = Path(path)
-    doc = read_document(p)
     try:
+        doc = read_document(p)
         return PipelineConfig.model_validate(doc)
     except ValidationError as exc:
         raise config_error(exc, doc, f"pipeline file {p}") from exc
+    except ConfigError:
+        raise
+    except (RecursionError, ValueError, TypeError, OverflowError, OSError) as exc:
+        # hostile or broken files the loader lets through: nesting deeper than the validators'
+        # recursion, integers of more than 4,300 digits (int/str conversion limit) ...
+        raise ConfigError(f"{p} cannot be read as a pipeline file: {type(exc).__name__}: {exc}") from None

@@ -9,6 +9,14 @@ configured secret values (the broker password, API keys) and obvious ``password=
 ``token:``/``Authorization: Bearer``/``scheme://user:pass@`` patterns with ``***`` in the message, the
 arguments, the extra fields and the formatted traceback.
 
+Native libraries (libjpeg, libpng, OpenCV, FFmpeg) write their warnings straight to file descriptor 2,
+past Python's logging. With ``log_format: json`` (``configure_logging(fmt="json")`` writing to the real
+stderr) :func:`capture_native_stderr` puts a pipe on descriptor 2 and a thread turns each line written
+there into a record of the ``native`` logger (WARNING; ERROR when the line says "error"), so every line
+on stderr is JSON and passes the redaction; the log handler itself writes to a copy of the original
+stderr, and ``faulthandler`` dumps go there too. At exit descriptor 2 is put back. OpenCV's own log
+level follows the configured level (``cv2.utils.logging.setLogLevel``), so its INFO chatter stays off.
+
 Example:
     >>> f = RedactingFilter(["hunter22"])
     >>> f.redact("connect mqtt://bob:hunter22@broker password=hunter22 api_key=abc123")
@@ -17,8 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -26,7 +37,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-__all__ = ["JsonFormatter", "RedactingFilter", "TextFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "RedactingFilter", "TextFormatter", "capture_native_stderr", "configure_logging"]
 
 REDACTED = "***"
 
@@ -154,14 +165,111 @@ def _iso(created: float) -> str:
     return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class _NativeStderr:
+    """Descriptor 2 redirected into a pipe read by a thread that logs each line (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.original_fd = os.dup(2)
+        #: the real stderr, for the log handler (writing to fd 2 would feed the pipe)
+        self.stream: TextIO = os.fdopen(os.dup(self.original_fd), "w", buffering=1, encoding="utf-8")
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        self._reader = os.fdopen(read_fd, "rb", buffering=0)
+        self._thread = threading.Thread(target=self._pump, name="native-stderr", daemon=True)
+        self._thread.start()
+        if faulthandler.is_enabled():
+            faulthandler.enable(file=self.stream)
+        atexit.register(self.restore)
+
+    def _pump(self) -> None:
+        log = logging.getLogger("native")
+        pending = b""
+        while True:
+            try:
+                chunk = self._reader.read(65536)
+            except (OSError, ValueError):
+                return
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self._emit(log, raw)
+            if len(pending) > 65536:  # a line without an end: log it in pieces
+                self._emit(log, pending)
+                pending = b""
+        if pending:
+            self._emit(log, pending)
+
+    @staticmethod
+    def _emit(log: logging.Logger, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        if not text.strip():
+            return
+        level = logging.ERROR if "error" in text.lower() else logging.WARNING
+        log.log(level, "%s", text)
+
+    def restore(self) -> None:
+        """Put the original stderr back on descriptor 2 and let the reader drain (at exit)."""
+        if self._reader.closed:
+            return
+        sys.stderr.flush()
+        os.dup2(self.original_fd, 2)  # closes the pipe's last write end: the reader sees EOF
+        self._thread.join(timeout=2.0)
+
+
+_native: _NativeStderr | None = None
+_native_lock = threading.Lock()
+
+
+def capture_native_stderr() -> TextIO:
+    """Route what native libraries write on descriptor 2 through logging (once per process).
+
+    Returns:
+        A stream on the original stderr, for the log handler.
+    """
+    global _native
+    with _native_lock:
+        if _native is None:
+            _native = _NativeStderr()
+        return _native.stream
+
+
+def _opencv_log_level(level: int) -> None:
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - OpenCV is a dependency
+        return
+    levels = cv2.utils.logging
+    if level <= logging.DEBUG:
+        value = levels.LOG_LEVEL_DEBUG
+    elif level <= logging.INFO:
+        value = levels.LOG_LEVEL_WARNING  # OpenCV's INFO is start-up chatter (plugins, backends)
+    elif level <= logging.WARNING:
+        value = levels.LOG_LEVEL_WARNING
+    else:
+        value = levels.LOG_LEVEL_ERROR
+    levels.setLogLevel(value)
+
+
 def configure_logging(
     level: str | int = "INFO",
     fmt: Literal["text", "json"] = "text",
     *,
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    native: bool | None = None,
 ) -> RedactingFilter:
     """Send all logs to ``stream`` (stderr) in ``fmt``, redacting ``secrets``; replaces earlier setup.
+
+    Args:
+        level: the root level (OpenCV's log level follows it).
+        fmt: ``"text"`` or ``"json"``.
+        secrets: values to redact.
+        stream: where to write (default: the process's stderr).
+        native: route native libraries' stderr through logging (:func:`capture_native_stderr`);
+            default: on for ``json`` written to the process's stderr, off otherwise.
 
     Returns:
         The installed filter (``add_secret`` it when a secret is read later).
@@ -171,6 +279,11 @@ def configure_logging(
     """
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")
+    if native is None:
+        native = fmt == "json" and stream is None
+    if native:
+        original = capture_native_stderr()
+        stream = original if stream is None else stream
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     redactor = RedactingFilter(secrets)
@@ -182,6 +295,7 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    _opencv_log_level(root.level)
     # the access log of every scrape and probe is noise at INFO
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return redactor

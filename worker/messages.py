@@ -268,9 +268,23 @@ class ControlMessage(Message):
     """Sent to the control topic: new values of the workflow's runtime inputs (``$inputs.*``).
 
     All or nothing, validated like a definition; at most 64 KiB. Each worker of the pipeline applies it.
+    With ``control.senders`` configured it must be signed: ``sender`` and ``issued_at`` in the message,
+    and the MQTT v5 user property ``signature`` (see ``worker.control``).
     """
 
     inputs: dict[str, Any] = Field(description='{input name: value}, e.g. {"confidence": 0.6}')
+    sender: str | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        min_length=1,
+        max_length=64,
+        description="the signing sender (a name in control.senders); signed messages only",
+    )
+    issued_at: float | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        description="when the message was made, Unix s (within control.max_age_s); signed messages only",
+    )
 
 
 class ControlAccepted(Message):

@@ -1,22 +1,32 @@
 """Broker settings shared by the MQTT source and sinks, and the one place aiomqtt clients are made.
 
-Secrets never live in the pipeline file in clear: ``password`` is read from the environment variable
-named by ``password_env`` (default ``SEGSTREAM_MQTT_PASSWORD``) or from ``password_file`` (e.g. a
-Kubernetes secret mounted under ``/run/secrets``). It is a ``SecretStr`` and never logged.
+Secrets never live in the pipeline file: the password is read from the environment variable named by
+``password_env`` (default ``SEGSTREAM_MQTT_PASSWORD``) or from ``password_file`` (e.g. a Kubernetes
+secret mounted under ``/run/secrets``), and never logged. An inline ``password:`` in the ``broker``
+section is refused with an error saying where to put it instead. ``tls.insecure_skip_verify`` (no
+server certificate check) is logged as a warning once per broker when the first client is made.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["BrokerConfig", "TlsConfig", "make_client"]
+
+log = logging.getLogger(__name__)
+
+#: brokers already warned about (host, port): the warning is logged once, not at every reconnect
+_insecure_warned: set[tuple[str, int]] = set()
+_insecure_lock = threading.Lock()
 
 
 class TlsConfig(BaseModel):
@@ -48,7 +58,7 @@ class BrokerConfig(BaseModel):
     port: int = Field(1883, ge=1, le=65535)
     client_id: str | None = Field(None, description="MQTT client id prefix")
     username: str | None = None
-    password: SecretStr | None = Field(None, description="prefer password_env / password_file")
+    password: None = Field(None, description="refused: use password_env / password_file")
     password_env: str = "SEGSTREAM_MQTT_PASSWORD"
     password_file: Path | None = None
     protocol: Literal["5", "3.1.1"] = "5"
@@ -58,6 +68,16 @@ class BrokerConfig(BaseModel):
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
 
+    @field_validator("password", mode="before")
+    @classmethod
+    def _no_inline_password(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError(
+                "a password must not be written in the pipeline file; set $SEGSTREAM_MQTT_PASSWORD, "
+                "or name another environment variable with password_env, or a file with password_file"
+            )
+        return None
+
     @model_validator(mode="after")
     def _backoff_order(self) -> BrokerConfig:
         if self.reconnect_min_s > self.reconnect_max_s:
@@ -65,13 +85,10 @@ class BrokerConfig(BaseModel):
         return self
 
     def resolved_password(self) -> str | None:
-        """The password from the file, else the environment, else the (discouraged) inline value."""
+        """The password from the file, else the environment variable, else None."""
         if self.password_file is not None:
             return self.password_file.read_text().strip()
-        env = os.environ.get(self.password_env)
-        if env:
-            return env
-        return self.password.get_secret_value() if self.password is not None else None
+        return os.environ.get(self.password_env) or None
 
     def describe(self) -> str:
         """``mqtt[s]://user@host:port`` without the password, for logs."""
@@ -101,6 +118,16 @@ def make_client(
             disconnect.
         **kwargs: passed to ``aiomqtt.Client`` (e.g. ``max_queued_incoming_messages``, ``queue_type``).
     """
+    if config.tls is not None and config.tls.insecure_skip_verify:
+        with _insecure_lock:
+            first = (config.host, config.port) not in _insecure_warned
+            _insecure_warned.add((config.host, config.port))
+        if first:
+            log.warning(
+                "TLS to %s without verifying the server's certificate (tls.insecure_skip_verify): "
+                "anyone on the path can impersonate the broker",
+                config.describe(),
+            )
     v5 = config.protocol == "5"
     properties = None
     if v5 and session_expiry_s:

@@ -289,6 +289,7 @@ class Worker:
             ),
             self.metrics,
             self.worker_id,
+            policy=self.config.control,
         )
 
     def _backoff(self) -> Backoff:

@@ -20,7 +20,7 @@ from tests.support.mosquitto import MosquittoBroker
 from tests.support.waiting import wait_until
 from worker.mqtt import make_client
 from worker.queues import FrameQueue
-from worker.sources.mqtt import MqttSource, MqttSourceConfig
+from worker.sources.mqtt import RESYNC_TARGET, MqttSource, MqttSourceConfig
 from worker.telemetry import RecordingTelemetry
 
 pytestmark = pytest.mark.integration
@@ -186,9 +186,9 @@ async def test_every_frame_under_a_slow_consumer_loses_nothing(
 ) -> None:
     telemetry = RecordingTelemetry()
     topic = f"{unique_topic}/frames"
-    # Receive Maximum 4 asks the broker for at most 4 unacknowledged frames; the fixture's mosquitto
-    # allows 100 in flight and (2.0.11) lets one more through per PUBACK, so the incoming queue
-    # (2 x 4) overflows: the source must hold those back unacknowledged and have them redelivered
+    # Receive Maximum 4 asks the broker for at most 4 unacknowledged frames; mosquitto 2.0.11 sends many
+    # more, so the incoming queue (2 x 4) would overflow: the source stops reading the socket at 4
+    # queued messages instead, and the broker keeps the rest in the session
     source = make_source(mosquitto, topic, telemetry, receive_maximum=4)
     queue = FrameQueue("line", 2, "every_frame", telemetry)
     payload = encode(image(10), ".png")
@@ -205,6 +205,35 @@ async def test_every_frame_under_a_slow_consumer_loses_nothing(
     # the broker may resend frames whose PUBACK it had not taken in before a resync: skipped, counted
     assert set(telemetry.dropped) <= {("line", "mqtt_duplicate")}
     assert consumer.max_depth <= 2
+    # back-pressure by not reading the socket: no resync (reconnect) was needed, the broker never went away
+    assert source.read_pauses >= 1
+    assert telemetry.reconnects["broker:source"] == 0 and telemetry.reconnects[RESYNC_TARGET] == 0
+
+
+async def test_when_the_incoming_queue_overflows_anyway_a_resync_is_counted_apart_and_loses_nothing(
+    mosquitto: MosquittoBroker, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.sources.mqtt as mqtt_source
+
+    # without the read pause (as with a client that cannot pause), the broker overfills the queue
+    monkeypatch.setattr(mqtt_source._ReadPause, "pause", lambda self: None)
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry, receive_maximum=4)
+    queue = FrameQueue("line", 2, "every_frame", telemetry)
+    payload = encode(image(10), ".png")
+    n = 150
+    frames = [
+        json.dumps({"image": base64.b64encode(payload).decode(), "frame_id": i}).encode() for i in range(n)
+    ]
+    async with running(source, queue, delay=0.003) as consumer:
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, frames)
+        await wait_until(lambda: len(consumer.frames) == n, what="every frame", timeout=60)
+    assert [f.frame_id for f in consumer.frames] == [str(i) for i in range(n)]  # in order, none twice
+    assert set(telemetry.dropped) <= {("line", "mqtt_duplicate")}
+    # resyncs are counted apart from broker reconnects: dashboards of broker health stay quiet
+    assert telemetry.reconnects[RESYNC_TARGET] >= 1 and telemetry.reconnects["broker:source"] == 0
 
 
 async def test_broker_restart_reconnects_and_frames_flow_again(
@@ -277,30 +306,30 @@ async def test_unacknowledged_frames_come_back_after_a_stop_under_backpressure(
     assert len(ids) == 12  # nothing twice either: only queued frames were acknowledged
 
 
-def test_recent_messages_know_a_redelivery_by_packet_id_and_payload() -> None:
+def test_recent_messages_know_a_redelivery_by_packet_id_length_and_digest() -> None:
     from types import SimpleNamespace
 
-    from worker.sources.mqtt import _RecentMessages
+    from worker.sources.mqtt import _digest, _RecentMessages
 
-    def key(qos: int, mid: int, payload: bytes, limit: int = 1024) -> tuple[int, int, bytes] | None:
-        return _RecentMessages.key(SimpleNamespace(qos=qos, mid=mid), payload, limit)
+    def key(qos: int, mid: int, payload: bytes) -> tuple[int, int] | None:
+        return _RecentMessages.key(SimpleNamespace(qos=qos, mid=mid), payload)  # type: ignore[arg-type]
 
     recent = _RecentMessages(2)
     first = key(1, 7, b"frame-a")
-    assert first is not None and first not in recent
-    recent.add(first)
-    assert key(1, 7, b"frame-a") in recent
-    assert key(1, 7, b"frame-b") not in recent  # id reused
-    assert key(1, 8, b"frame-a") not in recent  # same bytes
+    assert first == (7, 7) and recent.candidate(first) is None
+    recent.add(first, _digest(b"frame-a"))
+    # only a message with the same id and length is a candidate, and only then is it hashed
+    assert recent.candidate(key(1, 7, b"frame-a")) == _digest(b"frame-a")
+    assert recent.candidate(key(1, 7, b"frame-b")) != _digest(b"frame-b")  # id reused, other bytes
+    assert recent.candidate(key(1, 8, b"frame-a")) is None  # same bytes, another id
+    assert recent.candidate(key(1, 7, b"frame-aa")) is None  # same id, another length
     assert key(0, 0, b"frame-a") is None  # QoS 0: never resent
-    # a payload over the limit (refused unread) is keyed by id and length, not hashed
-    assert key(1, 7, b"frame-a", limit=3) == (7, 7, b"")
-    recent.add(None)
+    recent.add(None, b"")
     for mid in (8, 9):
-        recent.add(key(1, mid, b"x"))
-    assert first not in recent  # bounded: the oldest is forgotten
+        recent.add(key(1, mid, b"x"), _digest(b"x"))
+    assert recent.candidate(first) is None  # bounded: the oldest is forgotten
     recent.clear()
-    assert key(1, 9, b"x") not in recent
+    assert recent.candidate(key(1, 9, b"x")) is None
 
 
 def test_config_bounds() -> None:
@@ -311,3 +340,97 @@ def test_config_bounds() -> None:
     with pytest.raises(ValidationError, match="topic"):
         MqttSourceConfig(id="m", topic="$share/g/t")
     assert MqttSourceConfig(id="m", topic="a/#", shared_group="g").subscription == "$share/g/a/#"
+
+
+async def test_payload_digests_are_computed_off_the_event_loop(
+    mosquitto: MosquittoBroker, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import worker.sources.mqtt as mqtt_source
+
+    threads: list[str] = []
+    real = mqtt_source._digest
+
+    def recording(payload: bytes) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(payload)
+
+    monkeypatch.setattr(mqtt_source, "_digest", recording)
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry)
+    async with running(source, FrameQueue("line", 8, "every_frame")) as consumer:
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, [encode(image(n)) for n in range(5)] + [b"not an image"])
+        await wait_until(lambda: len(consumer.frames) == 5 and len(threads) == 6, what="5 frames, 6 digests")
+    assert threading.main_thread().name not in threads
+    assert all(name.startswith("source[line].decode") for name in threads), threads
+
+
+async def test_decoded_images_alive_in_the_worker_stay_within_the_inflight_budget(
+    mosquitto: MosquittoBroker, unique_topic: str
+) -> None:
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    # 24x32 BGR = 2304 bytes per image; room for one more 4096-byte image only while <= 4096 are held
+    source = make_source(mosquitto, topic, telemetry, max_decoded_bytes=4096, max_inflight_bytes=8192)
+    queue = FrameQueue("line", 64, "every_frame")
+    async with running(source, queue) as consumer:
+        await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
+        await publish(mosquitto, topic, [encode(image(n), ".png") for n in range(6)])
+        budget = source._budget
+        assert budget is not None
+        # the consumer keeps every frame it took: the source stops decoding at the budget
+        await wait_until(lambda: len(consumer.frames) == 2 and budget.waiting, what="the budget to be full")
+        assert source.inflight_bytes == 2 * 2304 and len(queue) == 0
+        taken = 2
+        while taken < 6:  # frames the rest of the worker lets go free the budget
+            consumer.frames.clear()
+            await wait_until(lambda: len(consumer.frames) > 0, what="the next frames")
+            assert source.inflight_bytes <= 8192
+            taken += len(consumer.frames)
+        assert taken == 6
+        consumer.frames.clear()
+        await wait_until(lambda: source.inflight_bytes == 0, what="every image freed")
+    assert telemetry.received["line"] == 6 and not telemetry.dropped
+
+
+def test_inflight_budget_must_hold_two_images() -> None:
+    with pytest.raises(ValidationError, match="at least 2 x max_decoded_bytes"):
+        MqttSourceConfig(id="m", topic="t", max_decoded_bytes=10**6, max_inflight_bytes=10**6)
+
+
+async def test_an_unexpected_exception_on_one_message_is_reported_and_the_source_goes_on(
+    mosquitto: MosquittoBroker,
+    unique_topic: str,
+    errors: ErrorSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import worker.sources.mqtt as mqtt_source
+
+    real = mqtt_source.decode_payload
+
+    def buggy(payload: bytes, **limits: int) -> object:
+        if payload.startswith(b"BUG"):
+            raise KeyError("a bug in the decoder")  # not a FrameDecodeError: a bug
+        return real(payload, **limits)
+
+    monkeypatch.setattr(mqtt_source, "decode_payload", buggy)
+    telemetry = RecordingTelemetry()
+    topic = f"{unique_topic}/frames"
+    source = make_source(mosquitto, topic, telemetry, errors)
+    with caplog.at_level("ERROR", logger="worker.sources.mqtt"):
+        async with running(source, FrameQueue("line", 8, "every_frame")) as consumer:
+            await wait_until(lambda: telemetry.connected.get("line") is True, what="subscribed")
+            await publish(mosquitto, topic, [b"BUG-1", GOOD, b"BUG-2", GOOD])
+            await wait_until(lambda: len(consumer.frames) == 2 and len(errors.reports) == 2, what="all four")
+    assert errors.reasons() == ["internal_error", "internal_error"]
+    assert [r.frame_number for r in errors.reports] == [0, 2]
+    assert [f.frame_number for f in consumer.frames] == [1, 3]
+    logged = [r for r in caplog.records if r.name == "worker.sources.mqtt" and r.levelname == "ERROR"]
+    assert (
+        len(logged) == 2 and logged[0].exc_info is not None and logged[1].exc_info is None
+    )  # traceback once
+    assert telemetry.dropped == {("line", "internal_error"): 2}

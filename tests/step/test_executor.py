@@ -129,6 +129,20 @@ def test_frame_parameters_bind_inputs_and_a_bad_value_fails_only_that_frame(mode
     assert classes(ok3.outputs) == ["bolt", "nut", "washer"]  # type: ignore[arg-type]
 
 
+def test_an_unknown_per_frame_parameter_fails_that_frame_instead_of_being_ignored(models_dir: Path) -> None:
+    definition = workflow(
+        4,
+        inputs=[{"type": "WorkflowParameter", "name": "conf", "default_value": 0.4}],
+        confidence_mode="custom",
+        custom_confidence="$inputs.conf",
+    )
+    result = runner(models_dir, definition).run_batch([frame(0, confidnce=0.9), frame(1, conf=0.8)])
+    typo, ok = result.outcomes
+    assert isinstance(typo.error, ParameterError) and typo.outputs is None
+    assert "['confidnce']" in str(typo.error) and "conf" in str(typo.error)
+    assert classes(ok.outputs) == ["bolt"]  # type: ignore[arg-type]
+
+
 def test_best_mode_uses_the_models_per_class_thresholds(models_dir: Path) -> None:
     # recommended: 0.5 for every class but washer (0.25): bolt 0.9 and washer 0.3 pass, nut 0.6 passes
     (outcome,) = runner(models_dir, workflow(4)).run_batch([frame()]).outcomes

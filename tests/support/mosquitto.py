@@ -32,9 +32,24 @@ def mosquitto_path() -> str | None:
 
 
 class MosquittoBroker:
-    """Run ``mosquitto`` bound to 127.0.0.1 on a free port, with an optional password file."""
+    """Run ``mosquitto`` bound to 127.0.0.1 on a free port, with an optional password file.
 
-    def __init__(self, workdir: Path, *, username: str | None = None, password: str | None = None) -> None:
+    Args:
+        workdir: where the config, password file and log go.
+        username, password: one account (anonymous clients are then refused).
+        users: more accounts ``{name: password}`` (with or instead of ``username``).
+        acl_file: a mosquitto ACL file to enforce (e.g. ``deploy/mosquitto/acl``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        users: dict[str, str] | None = None,
+        acl_file: Path | None = None,
+    ) -> None:
         binary = mosquitto_path()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (Debian package 'mosquitto'; .ci/run installs it)")
@@ -44,6 +59,10 @@ class MosquittoBroker:
         self.workdir = workdir
         self.username = username
         self.password = password
+        self.users = dict(users or {})
+        if username is not None:
+            self.users.setdefault(username, password or "")
+        self.acl_file = acl_file
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mosquitto.log"
         self.conf_path = workdir / "mosquitto.conf"
@@ -74,9 +93,9 @@ class MosquittoBroker:
             "log_type information",
             "connection_messages true",
         ]
-        if self.username is not None:
+        if self.users:
             pwfile = self.workdir / "passwd"
-            pwfile.write_text(f"{self.username}:{self.password or ''}\n")
+            pwfile.write_text("".join(f"{name}:{secret}\n" for name, secret in self.users.items()))
             pwfile.chmod(0o600)
             subprocess.run(
                 [shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-U", str(pwfile)],
@@ -86,6 +105,8 @@ class MosquittoBroker:
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines += ["allow_anonymous true"]
+        if self.acl_file is not None:
+            lines += [f"acl_file {self.acl_file}"]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
     @property

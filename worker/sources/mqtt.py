@@ -4,8 +4,20 @@ Payloads: raw JPEG/PNG bytes, or JSON with a base64 image, ``frame_id``, ``times
 ``parameters`` (bound to the workflow's ``$inputs.*`` for that frame); see ``worker.sources.decode``.
 The payload size is checked on arrival, then parsing and decoding (header pixel check first) run in a
 ``BlockingPool`` thread, never on the event loop. A payload that fails is reported once through
-``on_error`` (reason ``decode_error`` or ``oversize``), counted in ``frames_dropped_total``, and the
-next message goes on.
+``on_error`` (reason ``decode_error`` or ``oversize``), counted in ``frames_dropped_total``,
+acknowledged (it has been answered, with an error report, so it cannot come back at every restart),
+and the next message goes on. The source task never ends because of one message: the project's
+errors are reported as above, and any other exception on one message (a bug) is reported as
+``internal_error`` for that message, logged with its traceback the first time, and the source goes on.
+
+Memory bounds: one payload is at most ``max_payload_bytes``; one decoded image at most
+``max_image_pixels`` and ``max_decoded_bytes`` (estimated from the header, before decoding); and all
+the decoded images of this source that are still alive anywhere in the worker (queued, batched, in
+inference, held by the preview) at most ``max_inflight_bytes``: before decoding the next payload the
+source waits until that budget has room for a ``max_decoded_bytes`` image, so a flood of small
+payloads that decode to big images (2.7 KB of PNG, 48 MB of pixels) is back-pressured, not buffered.
+The budget is released when an image is freed (a ``weakref.finalize`` on the array). The broker side
+is bounded by ``receive_maximum`` (unacknowledged messages in flight) x ``max_payload_bytes``.
 
 Nothing silently lost (QoS 1, ``every_frame``):
 
@@ -21,15 +33,29 @@ Nothing silently lost (QoS 1, ``every_frame``):
   processed, the source reconnects at once (``"resync"``) and the persistent session redelivers the
   refused messages first, in order. Nothing is lost and order is kept; refused QoS 0 messages are
   lost and counted as ``frames_dropped_total{reason="mqtt_queue_full"}``.
+- *Back-pressure without reconnecting.* Before it comes to that, the source stops reading the
+  broker's socket when the incoming queue holds ``receive_maximum`` messages and reads again once it
+  has drained below (``_ReadPause``): TCP flow control makes the broker keep the rest in the session,
+  nothing is refused and no reconnect is needed. Against mosquitto 2.0.11, which ignores Receive
+  Maximum, a slow consumer of 150 frames with ``receive_maximum: 4`` took 18 resync reconnects
+  without it and none with it. Sealing and resync remain the last resort.
 - *Persistent session.* A stable client id, ``clean_start=False`` and a session expiry interval make
   the broker keep the subscription and queue QoS 1 frames while the worker is disconnected; they are
   delivered (with unacknowledged in-flight ones) after it reconnects. Delivery is at-least-once: a frame
   queued but not yet processed when the worker dies is not redelivered (it was acknowledged).
+- *Resync needs a reconnect.* MQTT forbids resending a PUBLISH on the same connection (v5
+  [MQTT-4.4.0-1], 3.1.1 [MQTT-4.4.0-1]: only a reconnect with a resumed session resends), and paho
+  has no call that asks for one, so a refused message can only come back through a reconnect. A
+  resync is therefore still a reconnect, but it is *counted apart* from real connection losses:
+  ``reconnects_total{target="broker:source:resync"}`` for resyncs, ``target="broker:source"`` only
+  when the broker connection failed, so dashboards of broker health do not show flow control.
 - *Redeliveries.* After a reconnect the broker may resend a message whose PUBACK it had not taken in
   yet. Across its own resync reconnects the source remembers its last ``4 x receive_maximum``
-  acknowledged messages (packet id and payload digest); a resent one is acknowledged again and
+  acknowledged messages (packet id, length and payload digest); a resent one is acknowledged again and
   skipped, counted as ``frames_dropped_total{reason="mqtt_duplicate"}``, so a frame is not processed
-  twice. After a lost connection that memory is cleared (the session, and its packet ids, may be
+  twice. The digest is computed in the decode thread, never on the event loop: for every message as
+  part of decoding, and for an arriving message only when its packet id and length match a recent
+  one. After a lost connection that memory is cleared (the session, and its packet ids, may be
   new), so a resend there can still be processed twice, as QoS 1 allows.
 
 aiomqtt 2.5 has no public switch for manual acknowledgement or Receive Maximum, so
@@ -42,24 +68,30 @@ adds the host name, i.e. the pod name). Under Kubernetes Deployments keep ``sess
 a departed pod's session can hold frames the broker assigned to it until the session expires.
 
 The broker connection is retried around the ``async with`` with capped, jittered backoff
-(``BrokerConfig.reconnect_min_s`` / ``reconnect_max_s``); every retry counts
-``reconnects_total{target="broker:source"}``.
+(``BrokerConfig.reconnect_min_s`` / ``reconnect_max_s``); every retry after a lost connection counts
+``reconnects_total{target="broker:source"}``, every resync ``target="broker:source:resync"``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import gc
 import hashlib
 import logging
+import threading
 import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from worker.concurrency import BlockingPool
 from worker.errors import FrameDecodeError
@@ -69,11 +101,11 @@ from worker.messages import ErrorReport
 from worker.mqtt import BrokerConfig, make_client
 from worker.queues import FramePolicy, FrameQueue, QueueClosed
 from worker.sources.base import Backoff, ErrorCallback
-from worker.sources.decode import decode_image, parse_payload
+from worker.sources.decode import DEFAULT_MAX_DECODED_BYTES, FramePayload, decode_payload
 from worker.sources.video import SOURCE_ID_PATTERN
 from worker.telemetry import NullTelemetry, Telemetry
 
-__all__ = ["MAX_PAYLOAD_BYTES_LIMIT", "MqttSource", "MqttSourceConfig"]
+__all__ = ["MAX_PAYLOAD_BYTES_LIMIT", "RESYNC_TARGET", "MqttSource", "MqttSourceConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +123,10 @@ _client_log.addFilter(_QuietQueueFull())
 
 #: hard upper bound of ``max_payload_bytes`` (MQTT itself allows 256 MiB)
 MAX_PAYLOAD_BYTES_LIMIT = 128 * 1024 * 1024
+#: the reconnect target a resync counts under (real connection losses count as ``broker:source``)
+RESYNC_TARGET = "broker:source:resync"
+#: reason of an error report for an exception that is not one of the project's (a bug)
+INTERNAL_ERROR = "internal_error"
 
 
 class MqttSourceConfig(BaseModel):
@@ -108,12 +144,34 @@ class MqttSourceConfig(BaseModel):
     policy: FramePolicy = "every_frame"
     queue_size: int = Field(8, ge=1, le=4096)
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=MAX_PAYLOAD_BYTES_LIMIT)
-    max_image_pixels: int = Field(40_000_000, ge=1, le=500_000_000)
+    max_image_pixels: int = Field(20_000_000, ge=1, le=500_000_000)
+    max_decoded_bytes: int = Field(
+        DEFAULT_MAX_DECODED_BYTES,
+        ge=1024,
+        le=4 * 1024**3,
+        description="most bytes one image may take once decoded (estimated from its header)",
+    )
+    max_inflight_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=2048,
+        le=64 * 1024**3,
+        description="decoded images of this source alive in the worker at once (bytes); >= 2 x "
+        "max_decoded_bytes",
+    )
     client_id: str | None = Field(
         None, min_length=1, max_length=128, description="default: <worker id>-source-<id> (worker.ids)"
     )
     session_expiry_s: int = Field(600, ge=0, le=7 * 24 * 3600)
     receive_maximum: int = Field(16, ge=1, le=1024, description="unacknowledged QoS 1 frames in flight")
+
+    @model_validator(mode="after")
+    def _budget_holds_two_images(self) -> MqttSourceConfig:
+        if self.max_inflight_bytes < 2 * self.max_decoded_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least 2 x max_decoded_bytes "
+                f"({self.max_decoded_bytes}): one image held downstream, one being decoded"
+            )
+        return self
 
     @property
     def subscription(self) -> str:
@@ -127,62 +185,203 @@ class _Overflow:
     def __init__(self) -> None:
         self.sealed = False
         self.held_back = 0
+        #: set once connected: stops reading the socket at the high-water mark (see ``_ReadPause``)
+        self.reader: _ReadPause | None = None
+
+
+class _ReadPause:
+    """Back-pressure through TCP: stop reading the broker's socket while the incoming queue is at its
+    high-water mark, read again once it has drained below it.
+
+    Brokers do not always keep the Receive Maximum (mosquitto 2.0.11 sends far more unacknowledged
+    messages than asked, whatever its ``max_inflight_messages``), and MQTT has no way to get a refused
+    message back without reconnecting. Not reading makes the broker keep the rest in its session
+    queue instead, so the incoming queue rarely overflows and a resync (a reconnect) is the last
+    resort, not the flow control. While paused nothing is read, PINGRESP included: a pause longer than
+    the keepalive ends in a lost connection (reconnect with backoff), so the queue's frames must be
+    processed within it.
+
+    aiomqtt 2.5 registers its own reader on the socket and has no pause; this class removes it and
+    puts back an equivalent one (``loop_read`` until the TLS buffer is empty; an exception ends the
+    connection the way aiomqtt's does). Like ``_configure_flow_control``, it touches aiomqtt internals.
+    """
+
+    def __init__(self, client: aiomqtt.Client, on_pause: Callable[[], None]) -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = None
+        self._on_pause = on_pause
+        self.paused = False
+
+    def pause(self) -> None:
+        if self.paused:
+            return
+        sock = self._client._client.socket()
+        if sock is None:
+            return
+        self._fd = sock.fileno()
+        self._loop.remove_reader(self._fd)
+        self.paused = True
+        self._on_pause()
+
+    def resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        sock = self._client._client.socket()
+        if sock is None or sock.fileno() != self._fd:  # the connection is gone meanwhile
+            return
+        self._loop.add_reader(self._fd, self._read)
+
+    def _read(self) -> None:
+        paho = self._client._client
+        try:
+            while True:
+                paho.loop_read()
+                sock = paho.socket()
+                if sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                    continue
+                break
+        except Exception as exc:  # as aiomqtt's reader: a broken connection ends the session
+            disconnected = self._client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
 
 
 class _RecentMessages:
-    """The last ``size`` QoS 1 messages this source queued and acknowledged, by packet id and digest.
+    """The last ``size`` QoS 1 messages this source queued and acknowledged: packet id and length,
+    with the payload's digest.
 
     After a reconnect the broker can resend messages whose PUBACK it had not yet taken in (QoS 1 is
-    at-least-once); a message with the same packet id and the same payload digest as one of the last
+    at-least-once); a message with the same packet id, length and payload digest as one of the last
     few acknowledged ones is such a redelivery. Packet ids count up per session, so a new message
     does not reuse one of the last ``size`` ids before the 65535 ids wrap around. The memory is
     kept across the source's own "resync" reconnects (same session) and cleared after a lost
     connection: the broker may come back with a new session whose ids start again at 1.
+
+    Nothing here hashes: digests come from the decode thread (:func:`_digest`), and an arriving
+    message needs one only when :meth:`candidate` says its id and length match a recent message.
     """
 
     def __init__(self, size: int) -> None:
-        self._keys: collections.OrderedDict[tuple[int, int, bytes], None] = collections.OrderedDict()
+        self._digests: collections.OrderedDict[tuple[int, int], bytes] = collections.OrderedDict()
         self._size = size
 
     @staticmethod
-    def key(
-        message: aiomqtt.Message, payload: bytes | bytearray, digest_limit: int
-    ) -> tuple[int, int, bytes] | None:
-        """``(packet id, length, digest)``; a payload over ``digest_limit`` bytes (refused unread)
-        is not hashed, so an oversized message costs the event loop nothing."""
+    def key(message: aiomqtt.Message, payload: bytes | bytearray) -> tuple[int, int] | None:
+        """``(packet id, length)``, or None for QoS 0 (never resent)."""
         if message.qos == 0:
             return None
-        n = len(payload)
-        digest = hashlib.blake2b(payload, digest_size=16).digest() if n <= digest_limit else b""
-        return message.mid, n, digest
+        return message.mid, len(payload)
 
-    def __contains__(self, key: tuple[int, int, bytes]) -> bool:
-        return key in self._keys
+    def candidate(self, key: tuple[int, int] | None) -> bytes | None:
+        """The digest of the recent message with this id and length, or None (not a redelivery)."""
+        return None if key is None else self._digests.get(key)
 
     def clear(self) -> None:
-        self._keys.clear()
+        self._digests.clear()
 
-    def add(self, key: tuple[int, int, bytes] | None) -> None:
+    def add(self, key: tuple[int, int] | None, digest: bytes) -> None:
         if key is None:
             return
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        while len(self._keys) > self._size:
-            self._keys.popitem(last=False)
+        self._digests[key] = digest
+        self._digests.move_to_end(key)
+        while len(self._digests) > self._size:
+            self._digests.popitem(last=False)
+
+
+def _digest(payload: bytes) -> bytes:
+    """The payload digest duplicate detection compares (run in the decode thread)."""
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+#: the digest of a payload that was refused unread (over ``max_payload_bytes``): never hashed
+_UNREAD = b""
+
+
+class _InflightBudget:
+    """Bytes of this source's decoded images still alive anywhere in the worker.
+
+    ``admit`` waits until an image of ``need`` bytes fits; ``hold`` charges a decoded image and
+    releases it when the array is freed (``weakref.finalize``, which may run on any thread).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+        self._freed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        #: True while ``admit`` waits for room
+        self.waiting = False
+        #: how many payloads had to wait for room (back-pressure from the rest of the worker)
+        self.waits = 0
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+    def hold(self, image: Any) -> None:
+        nbytes = int(image.nbytes)
+        with self._lock:
+            self._used += nbytes
+        weakref.finalize(image, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self._used -= nbytes
+        # a closed loop (interpreter shutdown): nobody waits any more
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._freed.set)
+
+    async def admit(self, need: int, pool: BlockingPool) -> None:
+        waited = 0
+        if self.used + need > self.limit:
+            self.waits += 1
+        try:
+            while self.used + need > self.limit:
+                self.waiting = True
+                self._freed.clear()
+                if self.used + need <= self.limit:  # freed between the check and the clear
+                    break
+                try:
+                    await asyncio.wait_for(self._freed.wait(), 1.0)
+                except TimeoutError:
+                    waited += 1
+                    if waited % 2 == 0:
+                        # images kept alive only by reference cycles (an exception's traceback holding
+                        # its batch) are freed by the cyclic collector; do not wait for it by chance
+                        await pool.run(gc.collect)
+        finally:
+            self.waiting = False
+
+
+@dataclass(slots=True)
+class _Decoded:
+    """What the decode thread hands back for one payload."""
+
+    digest: bytes
+    parsed: FramePayload | None = None
+    image: Any = None
+    error: FrameDecodeError | None = None
 
 
 def _incoming_queue(
-    telemetry: Telemetry, source_id: str, overflow: _Overflow
+    telemetry: Telemetry, source_id: str, overflow: _Overflow, high_water: int
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
     class IncomingQueue(asyncio.Queue[aiomqtt.Message]):
-        """aiomqtt's incoming queue. Once full it is sealed: every later message is refused too (so
-        the ones it holds stay the oldest), QoS 1 ones stay unacknowledged for redelivery, QoS 0
-        ones are lost and counted."""
+        """aiomqtt's incoming queue. At ``high_water`` messages the socket stops being read
+        (``_ReadPause``). Once full anyway it is sealed: every later message is refused too (so the
+        ones it holds stay the oldest), QoS 1 ones stay unacknowledged for redelivery, QoS 0 ones are
+        lost and counted."""
 
         def put_nowait(self, item: aiomqtt.Message) -> None:
             if not overflow.sealed:
                 try:
                     super().put_nowait(item)
+                    if self.qsize() >= high_water and overflow.reader is not None:
+                        overflow.reader.pause()
                     return
                 except asyncio.QueueFull:
                     overflow.sealed = True
@@ -206,13 +405,19 @@ def _configure_flow_control(client: aiomqtt.Client, *, v5: bool, receive_maximum
         properties.ReceiveMaximum = receive_maximum
 
 
-def _decode(payload: bytes, max_bytes: int, max_pixels: int) -> tuple[Any, Any]:
-    parsed = parse_payload(payload, max_bytes=max_bytes)
+def _decode(payload: bytes, max_bytes: int, max_pixels: int, max_decoded_bytes: int) -> _Decoded:
+    """Digest, parse and decode one payload (in the decode thread); a ``FrameDecodeError`` is
+    returned in the result (with the sender's ``frame_id`` when it was read), never raised."""
+    decoded = _Decoded(digest=_digest(payload))
     try:
-        return parsed, decode_image(parsed.image, max_pixels=max_pixels)
+        decoded.parsed, decoded.image = decode_payload(
+            payload, max_bytes=max_bytes, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes
+        )
     except FrameDecodeError as exc:
-        exc.frame_id = parsed.frame_id
-        raise
+        # without its traceback: that holds this frame, whose ``decoded`` holds the error (a cycle
+        # that would keep the payload alive until the cyclic collector runs)
+        decoded.error = exc.with_traceback(None)
+    return decoded
 
 
 class MqttSource:
@@ -238,6 +443,11 @@ class MqttSource:
         self._own_pool = decode_pool is None
         self._frame_number = 0
         self._recent = _RecentMessages(4 * config.receive_maximum)
+        self._budget: _InflightBudget | None = None
+        #: exception types already logged with a traceback (later ones get one line each)
+        self._unexpected_seen: set[str] = set()
+        #: times the broker's socket stopped being read because the incoming queue was at its mark
+        self.read_pauses = 0
         self._stop_requested = asyncio.Event()
         # worker.ids: the process's worker id (unique per process unless the user fixes it) + the role
         worker = worker_id or make_worker_id(pipeline or "segstream", prefix=broker.client_id)
@@ -258,7 +468,7 @@ class MqttSource:
             clean_start=False,
             session_expiry_s=cfg.session_expiry_s or None,
             max_queued_incoming_messages=2 * cfg.receive_maximum,
-            queue_type=_incoming_queue(self.telemetry, cfg.id, overflow),
+            queue_type=_incoming_queue(self.telemetry, cfg.id, overflow, high_water=cfg.receive_maximum),
             logger=_client_log,
         )
         _configure_flow_control(client, v5=self.broker.protocol == "5", receive_maximum=cfg.receive_maximum)
@@ -267,6 +477,7 @@ class MqttSource:
     async def run(self, queue: FrameQueue) -> None:
         if self._pool is None:
             self._pool = BlockingPool(f"source[{self.source_id}].decode", 1)
+        self._budget = _InflightBudget(self.config.max_inflight_bytes)
         backoff = Backoff(self.broker.reconnect_min_s, self.broker.reconnect_max_s)
         stop_wait = asyncio.ensure_future(self._stop_requested.wait())
         try:
@@ -284,7 +495,7 @@ class MqttSource:
                 outcome = session.result()
                 if outcome == "closed":  # the queue was closed under us
                     return
-                self.telemetry.reconnect("broker:source")
+                self.telemetry.reconnect(RESYNC_TARGET if outcome == "resync" else "broker:source")
                 if outcome == "lost":
                     # the broker may come back with a new session whose packet ids start again
                     self._recent.clear()
@@ -324,9 +535,12 @@ class MqttSource:
                 log.info(
                     "source %s: subscribed to %s as %s", self.source_id, cfg.subscription, self.client_id
                 )
+                overflow.reader = reader = _ReadPause(client, self._count_read_pause)
                 async for message in client.messages:
                     if not await self._handle(client, message, queue):
                         return "closed"
+                    if reader.paused and not overflow.sealed and len(client.messages) < cfg.receive_maximum:
+                        reader.resume()
                     if overflow.sealed and len(client.messages) == 0:
                         log.warning(
                             "source %s: the broker sent more than receive_maximum=%d frames; %d held "
@@ -342,52 +556,92 @@ class MqttSource:
             self.telemetry.source_connected(self.source_id, False)
         return "lost"
 
+    def _count_read_pause(self) -> None:
+        self.read_pauses += 1
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes of this source's decoded images alive in the worker now."""
+        return self._budget.used if self._budget is not None else 0
+
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message, queue: FrameQueue) -> bool:
-        """Decode one message and queue its frame; False if the queue is closed."""
-        pool = self._pool
-        if pool is None:
+        """Decode one message and queue its frame; False if the queue is closed.
+
+        Never raises for a problem of this one message (cancellation and a closed queue aside): it
+        is reported and acknowledged, and the next message goes on.
+        """
+        pool, budget = self._pool, self._budget
+        if pool is None or budget is None:
             raise RuntimeError("MqttSource._handle outside run()")
         number = self._frame_number
         self._frame_number += 1
         self.telemetry.frame_received(self.source_id)
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            payload = str(payload).encode() if payload is not None else b""
-        key = self._recent.key(message, payload, self.config.max_payload_bytes)
-        if key is not None and key in self._recent:
-            # a redelivery of a frame this source already queued and acknowledged
-            self.telemetry.frame_dropped(self.source_id, "mqtt_duplicate")
-            log.debug("source %s: message %d resent, already queued; skipped", self.source_id, message.mid)
-            self._ack(client, message)
-            return True
+        topic = str(message.topic)
         try:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = str(payload).encode() if payload is not None else b""
+            key = self._recent.key(message, payload)
             limit = self.config.max_payload_bytes
-            if len(payload) > limit:  # refused before it is copied to a thread
-                raise FrameDecodeError(
-                    f"payload of {len(payload)} bytes exceeds max_payload_bytes={limit}", reason="oversize"
+            oversize = len(payload) > limit
+            recent = self._recent.candidate(key)
+            if recent is not None:
+                digest = _UNREAD if oversize else await pool.run(_digest, bytes(payload))
+                if digest == recent:
+                    # a redelivery of a message this source already queued (or answered) and acknowledged
+                    self.telemetry.frame_dropped(self.source_id, "mqtt_duplicate")
+                    log.debug(
+                        "source %s: message %d resent, already queued; skipped", self.source_id, message.mid
+                    )
+                    self._ack(client, message)
+                    return True
+            if oversize:  # refused before it is copied to a thread or hashed
+                self._report(
+                    FrameDecodeError(
+                        f"payload of {len(payload)} bytes exceeds max_payload_bytes={limit}",
+                        reason="oversize",
+                    ),
+                    number,
+                    topic,
                 )
-            parsed, image = await pool.run(
-                _decode, bytes(payload), self.config.max_payload_bytes, self.config.max_image_pixels
+                self._ack(client, message)
+                self._recent.add(key, _UNREAD)
+                return True
+            await budget.admit(self.config.max_decoded_bytes, pool)
+            decoded = await pool.run(
+                _decode,
+                bytes(payload),
+                limit,
+                self.config.max_image_pixels,
+                self.config.max_decoded_bytes,
             )
-        except FrameDecodeError as exc:
-            self._report(exc, number, str(message.topic))
+            if decoded.error is not None or decoded.parsed is None:
+                self._report(decoded.error or FrameDecodeError("payload not decoded"), number, topic)
+                self._ack(client, message)
+                self._recent.add(key, decoded.digest)
+                return True
+            parsed = decoded.parsed
+            frame = Frame(
+                source_id=self.source_id,
+                frame_number=number,
+                timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
+                image=decoded.image,
+                frame_id=parsed.frame_id or "",
+                parameters=parsed.parameters,
+            )
+            budget.hold(decoded.image)
+            digest = decoded.digest
+            del decoded
+        except Exception as exc:  # a bug on one message must not stop the source (see the module doc)
+            self._report_unexpected(exc, number, topic)
             self._ack(client, message)
-            self._recent.add(key)
             return True
-        frame = Frame(
-            source_id=self.source_id,
-            frame_number=number,
-            timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
-            image=image,
-            frame_id=parsed.frame_id or "",
-            parameters=parsed.parameters,
-        )
         try:
             await queue.put(frame)
         except QueueClosed:
             return False
         self._ack(client, message)
-        self._recent.add(key)
+        self._recent.add(key, digest)
         return True
 
     @staticmethod
@@ -397,17 +651,52 @@ class MqttSource:
 
     def _report(self, exc: FrameDecodeError, number: int, topic: str) -> None:
         self.telemetry.frame_dropped(self.source_id, exc.reason)
+        frame_id = exc.frame_id or f"{self.source_id}:{number}"
         log.warning(
-            "source %s: frame %d on %s dropped: %s (%s)", self.source_id, number, topic, exc, exc.reason
+            "source %s: frame %d (%s) on %s dropped: %s (%s)",
+            self.source_id,
+            number,
+            frame_id,
+            topic,
+            exc,
+            exc.reason,
+            extra={"source": self.source_id, "frame_id": frame_id},
         )
-        if self.on_error is not None:
-            self.on_error(
-                ErrorReport(
-                    pipeline=self.pipeline,
-                    source_id=self.source_id,
-                    reason=exc.reason,
-                    message=f"{topic}: {exc}",
-                    frame_id=exc.frame_id or f"{self.source_id}:{number}",
-                    frame_number=number,
-                )
+        self._send_report(exc.reason, f"{topic}: {exc}", frame_id, number)
+
+    def _report_unexpected(self, exc: Exception, number: int, topic: str) -> None:
+        """An exception that is not one of the project's, on one message: report it, log it with
+        its traceback the first time (one line after that), go on."""
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        first = kind not in self._unexpected_seen
+        self._unexpected_seen.add(kind)
+        self.telemetry.frame_dropped(self.source_id, INTERNAL_ERROR)
+        frame_id = f"{self.source_id}:{number}"
+        log.error(
+            "source %s: frame %d on %s dropped: unexpected %s: %s%s",
+            self.source_id,
+            number,
+            topic,
+            kind,
+            exc,
+            "" if first else " (traceback logged before)",
+            exc_info=exc if first else None,
+            extra={"source": self.source_id, "frame_id": frame_id},
+        )
+        self._send_report(INTERNAL_ERROR, f"{topic}: internal error ({type(exc).__name__})", frame_id, number)
+
+    def _send_report(self, reason: str, message: str, frame_id: str, number: int) -> None:
+        if self.on_error is None:
+            return
+        try:
+            report = ErrorReport(
+                pipeline=self.pipeline,
+                source_id=self.source_id,
+                reason=reason,
+                message=message[:2000],
+                frame_id=frame_id,
+                frame_number=number,
             )
+            self.on_error(report)
+        except Exception:  # the error path itself must not stop the source
+            log.exception("source %s: reporting the error of frame %d failed", self.source_id, number)

@@ -236,12 +236,29 @@ class WorkflowRunner:
             self._params_cache[key] = cached
         return cached
 
+    def _unknown_parameters(self, frame: Frame) -> ParameterError | None:
+        """A per-frame parameter that names no ``WorkflowParameter`` input is refused, not ignored
+        (a typo such as ``confidnce`` would otherwise run the frame with the default)."""
+        if not frame.parameters:
+            return None
+        known = self.workflow.parameters
+        unknown = sorted(name[:64] for name in frame.parameters if name not in known)
+        if not unknown:
+            return None
+        return ParameterError(
+            f"unknown per-frame parameter(s) {unknown}; the workflow's parameter inputs: "
+            f"{', '.join(known) or 'none'}",
+            field=unknown[0],
+        )
+
     def run_batch(self, frames: Sequence[Frame]) -> BatchResult:
         """Run every step on every frame. Blocking: call it from the inference thread.
 
         Never raises for a problem of one frame: that frame's outcome carries the error.
         """
         outcomes = [FrameOutcome(frame=f) for f in frames]
+        for outcome in outcomes:
+            outcome.error = self._unknown_parameters(outcome.frame)
         defaults = self.runtime_inputs
         # step results per frame: {step name: {output name: value}}
         step_values: list[dict[str, dict[str, Any]]] = [{} for _ in frames]
@@ -303,6 +320,10 @@ class WorkflowRunner:
         for i, outcome in enumerate(outcomes):
             if outcome.error is None:
                 outcome.outputs = self._assemble(step_values[i])
+            else:
+                # the traceback holds this call's frame, whose locals hold the whole batch (images
+                # included): a reference cycle only the cyclic collector would free, much later
+                outcome.error.__traceback__ = None
         return BatchResult(outcomes, model_seconds, post_seconds)
 
     def _infer(

@@ -81,6 +81,12 @@ def _empty_filter_is_no_filter(value: list[str] | None) -> list[str] | None:
 
 ZeroToOne = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+#: upper bounds of the counts (the reference only says > 0): far above any model's candidates (8,400
+#: at 640 px), low enough that a hostile value cannot size an allocation (``max_detections: 1e12``)
+MAX_DETECTIONS_LIMIT: Final = 10_000
+MAX_CANDIDATES_LIMIT: Final = 100_000
+DetectionCount = Annotated[int, Field(gt=0, le=MAX_DETECTIONS_LIMIT, strict=True)]
+CandidateCount = Annotated[int, Field(gt=0, le=MAX_CANDIDATES_LIMIT, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 NonEmptyStr = Annotated[str, Field(min_length=1, strict=True)]
 ModelId = Annotated[str, Field(strict=True), AfterValidator(_check_model_id)]
@@ -96,9 +102,9 @@ PARAMETER_TYPES: Final[Mapping[str, Any]] = {
     "custom_confidence": ZeroToOne | None,
     "class_filter": ClassFilter,
     "iou_threshold": ZeroToOne,
-    "max_detections": PositiveInt,
+    "max_detections": DetectionCount,
     "class_agnostic_nms": StrictBool,
-    "max_candidates": PositiveInt,
+    "max_candidates": CandidateCount,
     "mask_decode_mode": MaskDecodeMode,
     "tradeoff_factor": ZeroToOne,
     "disable_active_learning": StrictBool,

@@ -330,6 +330,18 @@ def load_workflow(
     """
     if isinstance(source, WorkflowDefinition):
         return source  # already validated (e.g. the ``workflow`` of a loaded PipelineConfig)
+    try:
+        return _load_workflow(source)
+    except ConfigError:
+        raise
+    except (RecursionError, ValueError, TypeError, OverflowError) as exc:
+        # hostile documents: nesting deeper than the parsers' or validators' recursion, integers of
+        # more than 4,300 digits (int/str conversion limit) ...
+        where = "workflow" if isinstance(source, Mapping) or str(source).lstrip().startswith("{") else source
+        raise ConfigError(f"{where} cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _load_workflow(source: Mapping[str, Any] | str | os.PathLike[str]) -> WorkflowDefinition:
     if isinstance(source, Mapping):
         return validate_workflow(source)
     if isinstance(source, str) and source.lstrip().startswith("{"):
