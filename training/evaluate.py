@@ -5,9 +5,10 @@ Usage::
     python -m training.evaluate --package worker/bundled_models/factory-parts/1 \
         --input-sizes 320 384 416 448 480 512 --write
 
-Everything goes through the worker's own code: ``OnnxSegmentationModel`` (letterbox + batched
-ONNX Runtime) and ``postprocess_frame`` (thresholds, NMS, crop-based mask decoding), masks encoded
-with ``worker.step.rle.encode_crop`` exactly as the v4 step publishes them.
+Everything goes through the worker's own code: a ``SegmentationBackend`` (letterbox + batched
+inference; ``--backend`` picks ONNX Runtime or OpenVINO) and ``postprocess_frame`` (thresholds, NMS,
+crop-based mask decoding), masks encoded with ``worker.step.rle.encode_crop`` exactly as the v4 step
+publishes them.
 
 - Held-out frames: ``--frames`` generated frames of stream ``[--seed, TEST]`` (never used in
   training), at their original sizes (320x320 squares and 640x360 wide frames).
@@ -49,7 +50,9 @@ from pycocotools.cocoeval import COCOeval
 from training.data import TEST, VAL, eval_frame
 from training.make_clip import CLIP_FILE, GT_FILE, coco_categories, make_clip
 from training.synth import CLASS_NAMES
-from worker.models.onnx_backend import OnnxSegmentationModel
+from worker.models.backend import SegmentationBackend
+from worker.models.config import OnnxRuntimeConfig, OpenVinoConfig
+from worker.models.registry import load_backend
 from worker.step.detections import Detections
 from worker.step.postprocess import PostprocessParams, postprocess_frame
 from worker.step.rle import encode_crop
@@ -127,7 +130,7 @@ def load_clip(assets: Path = DEFAULT_ASSETS) -> tuple[Iterator[np.ndarray], dict
 
 
 def predict(
-    model: OnnxSegmentationModel,
+    model: SegmentationBackend,
     images: Iterable[np.ndarray],
     params: Sequence[PostprocessParams],
     *,
@@ -273,7 +276,7 @@ def eval_params(mode: str, factor: float, confidence: float, iou: float) -> Post
 
 
 def evaluate_set(
-    model: OnnxSegmentationModel,
+    model: SegmentationBackend,
     images: Iterable[np.ndarray],
     gt: dict[str, Any],
     *,
@@ -335,6 +338,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also generate the demo clip with these seeds and score each (segm, accurate)",
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--backend",
+        choices=("onnxruntime", "openvino"),
+        default="onnxruntime",
+        help="engine (openvino runs at precision auto: BF16 where the CPU has it)",
+    )
     ap.add_argument("--write", action="store_true", help="write thresholds and metrics into metadata.json")
     ap.add_argument("--report", type=Path, default=REPO / "training" / "runs" / "evaluation.json")
     ap.add_argument(
@@ -359,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.input_sizes:
         sweep = {}
         for s in a.input_sizes:
-            m = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, input_size=(s, s))
+            m = _load(a, (s, s))
             r = evaluate_set(m, images, gt, modes=(("accurate", 0.0),))
             sweep[s] = {"segm_map": r["segm_accurate"]["map"], "segm_map50": r["segm_accurate"]["map50"]}
             print(
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
             "validation": {str(k): v for k, v in sweep.items()},
         }
         print(f"default input size: {best}x{best}", flush=True)
-    model = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, inter_op_threads=1, input_size=size)
+    model = _load(a, size)
     evaluation["input_size"] = list(model.input_size)
     (val_dets,) = predict(model, images, [eval_params("accurate", 0.0, 0.01, 0.5)])
     overall, per_class = f1_thresholds(gt, detections_to_coco(val_dets, [im["id"] for im in gt["images"]]))
@@ -409,8 +418,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote recommended_parameters and metrics to {path}, imgsz {list(model.input_size)}")
 
 
+def _load(a: argparse.Namespace, size: tuple[int, int] | None) -> SegmentationBackend:
+    if a.backend == "openvino":
+        return load_backend(a.package, OpenVinoConfig(backend="openvino", threads=a.threads, input_size=size))
+    return load_backend(a.package, OnnxRuntimeConfig(intra_op_threads=a.threads, input_size=size))
+
+
 def clip_seed_spread(
-    model: OnnxSegmentationModel, seeds: Sequence[int], *, seconds: float = 10.0
+    model: SegmentationBackend, seeds: Sequence[int], *, seconds: float = 10.0
 ) -> dict[str, Any]:
     """Segm (``accurate``) mAP50 and mAP50:95 of the demo clip made with each of ``seeds``
     (``seconds`` long), and their minimum, mean and maximum mAP50 under ``"summary"``."""

@@ -36,7 +36,7 @@ def _workflow_and_models_dir(path: Path) -> tuple[Any, Path | None, dict[str, An
     doc = _read(path)
     if looks_like_pipeline(doc):
         pipeline = load_pipeline(path)
-        options: dict[str, Any] = {**pipeline.model.backend_options(), "blas_threads": pipeline.blas_threads}
+        options: dict[str, Any] = {"model_config": pipeline.model, "blas_threads": pipeline.blas_threads}
         return load_workflow(pipeline.workflow), pipeline.model.models_dir, options
     return load_workflow(doc), None, {}
 
@@ -51,7 +51,7 @@ def _runner(path: Path, models_dir: Path | None) -> Any:
     # as the worker does: post-processing's BLAS stays single-threaded next to ONNX Runtime
     limit_blas_threads(options.pop("blas_threads", PipelineConfig.model_fields["blas_threads"].default))
     registry = ModelRegistry(_models_dirs(models_dir, pipeline_models_dir))
-    return WorkflowRunner(workflow, registry, backend_options=options)
+    return WorkflowRunner(workflow, registry, model_config=options.get("model_config"))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -107,8 +107,7 @@ class Worker:
 
     def _build_runner(self) -> WorkflowRunner:
         dirs = default_models_dirs(self._models_dir)
-        options = self.config.model.backend_options()
-        return WorkflowRunner(self.workflow, ModelRegistry(dirs), backend_options=options)
+        return WorkflowRunner(self.workflow, ModelRegistry(dirs), model_config=self.config.model)
 
     def _on_source_error(self, report: ErrorReport) -> None:
         """Called on the loop by sources for each bad payload or outage."""
@@ -136,6 +135,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         limit_blas_threads(self.config.blas_threads)
         self.runner = await loop.run_in_executor(None, self._build_runner)
+        for model_id, model in self.runner.models.items():
+            info = model.info
+            log.info("model %s: %s", model_id, info.summary())
+            self.metrics.model_loaded(model_id, info.backend, info.precision, info.requested, info.used)
         self.health.set_model_loaded(True)
         async with AsyncExitStack() as stack:
             if self.config.http.enabled:
