@@ -291,6 +291,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         model_id=output_id,
         calibration=args.calibration,
         ground_truth=args.ground_truth,
+        evaluation=args.evaluation,
         max_drop=args.max_drop,
         keep_float=args.keep_float,
         calibration_frames=args.calibration_frames,
@@ -377,8 +378,14 @@ def _parser() -> argparse.ArgumentParser:
         "--ground-truth",
         type=Path,
         default=None,
-        help="COCO file naming frames of the calibration video (frame_index) or folder (file_name); "
+        help="COCO file naming frames of the evaluation video (frame_index) or folder (file_name); "
         "without it accuracy is the INT8 model's agreement with the float model",
+    )
+    quantize.add_argument(
+        "--evaluation",
+        type=Path,
+        default=None,
+        help="video or image folder accuracy is measured on (default: the calibration source)",
     )
     quantize.add_argument("--max-drop", type=float, default=0.01, help="largest segm mAP50 drop accepted")
     quantize.add_argument("--output-id", default=None, help="the new package's id (default: <id>-int8)")

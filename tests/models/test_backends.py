@@ -281,3 +281,19 @@ def test_closed_model_refuses_to_run(tmp_path: Path) -> None:
     model.close()
     with pytest.raises(ModelError, match="closed"):
         model.infer([np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_requested_and_used_providers_are_a_metric_label(tmp_path: Path) -> None:
+    from worker.metrics import Metrics
+
+    config = OnnxRuntimeConfig(
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"], allow_fallback=True
+    )
+    info = load_backend(_tiny(tmp_path), config).info
+    metrics = Metrics("demo")
+    metrics.model_loaded("parts/1", info.backend, info.precision, info.requested, info.used)
+    text = metrics.render()[0].decode()
+    assert (
+        'segstream_model_info{backend="onnxruntime",model_id="parts/1",precision="fp32",'
+        'requested="CUDAExecutionProvider,CPUExecutionProvider",used="CPUExecutionProvider"} 1.0'
+    ) in text

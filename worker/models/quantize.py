@@ -16,8 +16,9 @@ package with NNCF's post-training static quantization of the OpenVINO model:
    (INT8 weights) next to a copy of the float package's ``metadata.json`` with a ``quantization``
    section.
 4. **Accuracy**, measured through the worker's own backend and post-processing: with ground truth
-   (``--ground-truth coco.json`` whose images name frames of the calibration video by
-   ``frame_index``, or files of the calibration folder by ``file_name``) the float model (ONNX
+   (``--ground-truth coco.json`` whose images name frames of the evaluation video by
+   ``frame_index``, or files of the evaluation folder by ``file_name``; ``--evaluation`` defaults
+   to the calibration source) the float model (ONNX
    Runtime FP32) and the INT8 model (OpenVINO, precision ``auto``) are scored with COCOeval (segm and
    bbox mAP50, mAP50:95); without it, the INT8 model's *agreement* with the float model: the float
    model's detections (confidence >= 0.25) are the ground truth, and the float model itself scores 1.
@@ -195,6 +196,7 @@ def quantize_package(
     model_id: str,
     calibration: Path,
     ground_truth: Path | None = None,
+    evaluation: Path | None = None,
     max_drop: float = 0.01,
     keep_float: KeepFloat = "auto",
     calibration_frames: int = 100,
@@ -209,7 +211,8 @@ def quantize_package(
         source_id: the float model's id (recorded).
         model_id: the new package's id (recorded).
         calibration: a video file or an image folder.
-        ground_truth: a COCO file naming frames of ``calibration`` (see the module docstring).
+        ground_truth: a COCO file naming frames of ``evaluation`` (see the module docstring).
+        evaluation: the video or image folder accuracy is measured on (default: ``calibration``).
         max_drop: the largest segm mAP50 drop accepted.
         keep_float: ``auto`` (output convolutions stay float) or ``none``.
         calibration_frames: at most this many calibration frames (spread over the source).
@@ -275,9 +278,10 @@ def quantize_package(
             staging, OpenVinoConfig(backend="openvino", threads=threads), model_id=model_id
         )
         truth = json.loads(ground_truth.read_text()) if ground_truth is not None else None
-        frames, gt = evaluation_frames(calibration, truth, eval_frames)
+        frames, gt = evaluation_frames(evaluation or calibration, truth, eval_frames)
         accuracy = measure_accuracy(float_model, int8_model, frames, gt)
         accuracy["ground_truth"] = ground_truth.name if ground_truth is not None else None
+        accuracy["source"] = (evaluation or calibration).name
         accuracy["int8_run_as"] = int8_model.info.summary()
         int8_model.close()
         drop = accuracy["segm_map50_drop"]
