@@ -18,6 +18,10 @@ over the rounds. Accuracy: every frame of the clip, post-processed as ``training
 (confidence 0.01, NMS IoU 0.5, 100 detections, accurate masks) and scored with COCOeval (segm mAP50
 and mAP50:95) against ``demo_clip_coco.json``.
 
+``--pipeline-frames N`` also runs the whole worker (``worker.runtime.Worker`` on the demo pipeline:
+file source, batcher, two model threads, JSONL sink) on each of ``ort``, ``openvino`` and ``int8``,
+alternated over ``--pipeline-rounds``, and prints its frames/s (first result to the N-th).
+
 The last line sums up: ``openvino/ort=<speed-up> int8/ort=<speed-up> openvino_map50_drop=<d>
 int8_map50_drop=<d>`` (speed-ups from frames/s; drops = ort's segm mAP50 minus the case's).
 Targets: openvino >= 1.5x within 0.005 mAP50; int8 >= 1.8x within 0.01.
@@ -25,13 +29,16 @@ Targets: openvino >= 1.5x within 0.005 mAP50; int8 >= 1.8x within 0.01.
 Usage::
 
     python -m benchmarks.backends [--frames 60] [--rounds 5] [--threads 1] [--input-size 480]
+                                  [--pipeline-frames 120 --pipeline-rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +46,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from benchmarks._common import DEFAULT_CLIP, DEFAULT_MODEL_ID, REPO, print_header, read_clip
+from benchmarks._common import (
+    DEFAULT_CLIP,
+    DEFAULT_MODEL_ID,
+    REPO,
+    demo_pipeline_document,
+    print_header,
+    read_clip,
+    run_counted_pipeline,
+)
 from worker.concurrency import limit_blas_threads
+from worker.config import PipelineConfig
 from worker.errors import ModelError
 from worker.models.backend import SegmentationBackend
 from worker.models.config import OnnxRuntimeConfig, OpenVinoConfig, ProviderConfig
@@ -115,6 +131,43 @@ def _cases(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
     return cases, missing
 
 
+def _pipelines(args: argparse.Namespace, available: set[str]) -> None:
+    """The demo pipeline (two model threads, one engine thread each) on each backend, alternated."""
+    models = {
+        "ort": (args.model_id, {"intra_op_threads": 1}),
+        "openvino": (args.model_id, {"backend": "openvino", "threads": 1}),
+        "int8": (args.int8_model_id, {"backend": "openvino", "threads": 1}),
+    }
+    models = {k: v for k, v in models.items() if k in available}
+    fps: dict[str, list[float]] = {name: [] for name in models}
+    with tempfile.TemporaryDirectory(prefix="segstream-backends-") as tmp:
+        for r in range(args.pipeline_rounds):
+            names = list(models)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                model_id, section = models[name]
+                doc = demo_pipeline_document(
+                    model_id=model_id,
+                    sources=[{"type": "video", "id": "belt", "url": str(args.clip), "queue_size": 8}],
+                    sinks=[{"type": "jsonl", "path": str(Path(tmp) / f"{name}.jsonl")}],
+                    max_batch_size=4,
+                    input_size=args.input_size,
+                )
+                doc["model"] = {
+                    **section,
+                    **({"input_size": doc["model"]["input_size"]} if args.input_size else {}),
+                }
+                config = PipelineConfig.model_validate(doc)
+                run = asyncio.run(run_counted_pipeline(config, args.models_dir, args.pipeline_frames))
+                fps[name].append(run.fps)
+    base = statistics.median(fps["ort"])
+    print(
+        f"\nwhole worker (demo pipeline, 2 model threads x 1 engine thread), {args.pipeline_frames} frames:"
+    )
+    for name, values in fps.items():
+        median = statistics.median(values)
+        print(f"  pipeline {name:>9}: {median:6.1f} frames/s  ({median / base:.2f}x ort)  runs {values}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models-dir", type=Path, default=None)
@@ -126,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="engine threads of every case")
     ap.add_argument("--input-size", type=int, default=None, help="square input size (default: the model's)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the COCOeval pass")
+    ap.add_argument("--pipeline-frames", type=int, default=0, help="also run the whole worker (0: no)")
+    ap.add_argument("--pipeline-rounds", type=int, default=2)
     args = ap.parse_args(argv)
     print_header("backends: every backend/precision available, alternated, on the demo clip")
     limit_blas_threads(1)
@@ -179,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             ok = ratio >= speed and drop <= max_drop
             verdicts.append(f"{name}: >= {speed}x within {max_drop}: {'PASS' if ok else 'FAIL'}")
     print("targets: " + "; ".join(verdicts))
+    if args.pipeline_frames:
+        _pipelines(args, {c.name for c in cases})
     parts = [f"{n}/ort={summary[n][0]:.2f}" for n in ("openvino", "int8") if n in summary]
     parts += [f"{n}_map50_drop={summary[n][1]:.3f}" for n in ("openvino", "int8") if n in summary]
     print(" ".join(parts))

@@ -29,7 +29,7 @@ from worker.models.config import ModelRuntimeConfig, OnnxRuntimeConfig, OpenVino
 from worker.models.evaluation import iter_frames
 from worker.models.letterbox import compute_letterbox
 from worker.models.onnx_backend import OnnxSegmentationModel, resolve_providers
-from worker.models.openvino_backend import OpenVinoSegmentationModel
+from worker.models.openvino_backend import OpenVinoSegmentationModel, cpu_supports_bf16
 from worker.models.package import ModelMetadata
 from worker.models.registry import BUNDLED_MODELS_DIR, ModelRegistry, load_backend
 from worker.step.detections import Detections
@@ -297,3 +297,32 @@ def test_requested_and_used_providers_are_a_metric_label(tmp_path: Path) -> None
         'segstream_model_info{backend="onnxruntime",model_id="parts/1",precision="fp32",'
         'requested="CUDAExecutionProvider,CPUExecutionProvider",used="CPUExecutionProvider"} 1.0'
     ) in text
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "precision", "used"),
+    [
+        ("demo-openvino.yaml", "openvino", "bf16" if cpu_supports_bf16() else "fp32", ("CPU",)),
+        ("demo-int8.yaml", "openvino", "int8", ("CPU",)),
+        # no GPU here: TensorRT and CUDA are left out with a warning (allow_fallback), the CPU runs it
+        ("gpu-camera.yaml", "onnxruntime", "fp32", ("CPUExecutionProvider",)),
+    ],
+)
+def test_ready_pipelines_load_their_backend(
+    name: str,
+    backend: str,
+    precision: str,
+    used: tuple[str, ...],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from worker.config import load_pipeline
+
+    monkeypatch.setenv("SEGSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    pipeline = load_pipeline(REPO / "pipelines" / name)
+    assert pipeline.model.backend == backend
+    runner = WorkflowRunner(
+        load_workflow(pipeline.workflow), ModelRegistry([BUNDLED_MODELS_DIR]), model_config=pipeline.model
+    )
+    (model,) = runner.models.values()
+    assert model.info.backend == backend and model.info.precision == precision and model.info.used == used
