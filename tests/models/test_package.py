@@ -218,3 +218,20 @@ def test_metadata_is_read_without_an_inference_session(
     folder = write_model_package(tmp_path / "p", build_segmentation_model(3), package_metadata(NAMES))
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
     assert load_model_metadata(folder).class_names == tuple(NAMES)
+
+
+def test_a_folder_with_one_onnx_file_of_any_name_loads(tmp_path: Path) -> None:
+    from worker.models.registry import ModelRegistry
+
+    folder = tmp_path / "yolo" / "1"
+    folder.mkdir(parents=True)
+    props = ultralytics_metadata_props(NAMES, (64, 64), stride=32, version="8.4.0")
+    save_model(build_segmentation_model(3, metadata_props=props), folder / "yolov8n-seg.onnx")
+    assert locate_package(folder).weights_path == folder / "yolov8n-seg.onnx"
+    registry = ModelRegistry([tmp_path])
+    assert registry.available_ids() == ["yolo/1"]
+    model = registry.load("yolo/1")
+    assert model.class_names == tuple(NAMES) and model.input_size == (64, 64)
+    save_model(build_segmentation_model(3, metadata_props=props), folder / "yolo11n-seg.onnx")
+    with pytest.raises(ModelError, match=r"several ONNX files \['yolo11n-seg\.onnx', 'yolov8n-seg\.onnx'\]"):
+        locate_package(folder)

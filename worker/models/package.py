@@ -3,7 +3,8 @@
 A model package is a folder::
 
     <models_dir>/<project>/<version>/
-        weights.onnx      YOLOv8/YOLO11-seg layout ONNX model (see below)
+        weights.onnx      YOLOv8/YOLO11-seg layout ONNX model (see below); any other name works when
+                          it is the folder's only .onnx file (an Ultralytics export as exported)
         weights.xml/.bin  OpenVINO IR of the same model (optional; the only weights of an INT8
                           package made by ``segstream quantize``; only the openvino backend reads it)
         metadata.json     optional when the ONNX file carries Ultralytics metadata_props
@@ -251,6 +252,14 @@ def locate_package(path: str | Path) -> ModelPackage:
     path = Path(path)
     if path.is_dir():
         onnx_file = path / WEIGHTS_FILE
+        if not onnx_file.is_file():  # an export as the user has it: one .onnx file of any name
+            candidates = sorted(p for p in path.glob("*.onnx") if p.is_file())
+            if len(candidates) > 1:
+                raise ModelError(
+                    f"model package {path} has several ONNX files {[c.name for c in candidates]}; keep one "
+                    f"(or name the one to use {WEIGHTS_FILE})"
+                )
+            onnx_file = candidates[0] if candidates else onnx_file
         ir_file = path / IR_WEIGHTS_FILE
         yaml_file = path / ULTRALYTICS_METADATA_FILE
         if not ir_file.is_file() and yaml_file.is_file():

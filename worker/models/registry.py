@@ -271,4 +271,6 @@ class ModelRegistry:
 def _is_package(folder: Path) -> bool:
     if (folder / WEIGHTS_FILE).is_file() or (folder / IR_WEIGHTS_FILE).is_file():
         return True
+    if any(p.is_file() for p in folder.glob("*.onnx")):
+        return True
     return (folder / ULTRALYTICS_METADATA_FILE).is_file() and any(folder.glob("*.xml"))
