@@ -104,7 +104,8 @@ def detections_as_ground_truth(
     dets: Sequence[Detections], class_names: Sequence[str], *, min_confidence: float = 0.25
 ) -> dict[str, Any]:
     """A model's detections (those at ``min_confidence`` or above) as COCO ground truth, ids 1..n."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, d in enumerate(dets, start=1):
         height, width = d.frame_shape
         images.append({"id": image_id, "width": int(width), "height": int(height)})
