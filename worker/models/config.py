@@ -21,7 +21,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+)
 
 __all__ = [
     "DEFAULT_BACKEND",
@@ -49,11 +58,28 @@ class _Common(_Strict):
     )
 
 
+_PROVIDER_NAME = r"^[A-Za-z][A-Za-z0-9]*ExecutionProvider$"
+
+
 class ProviderConfig(_Strict):
     """One ONNX Runtime execution provider and its options (ONNX Runtime's own option names)."""
 
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9]*ExecutionProvider$")
+    name: str = Field(pattern=_PROVIDER_NAME)
     options: dict[str, ProviderOption] = Field(default_factory=dict)
+
+
+def _provider_entry(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+#: a provider as written in the file: its name, or ``{name, options}``
+ProviderEntry = Annotated[
+    ProviderConfig,
+    BeforeValidator(
+        _provider_entry,
+        json_schema_input_type=Annotated[str, StringConstraints(pattern=_PROVIDER_NAME)] | ProviderConfig,
+    ),
+]
 
 
 class OnnxRuntimeConfig(_Common):
@@ -69,7 +95,7 @@ class OnnxRuntimeConfig(_Common):
         description="most frames per ONNX Runtime call; default: 1 for a single-threaded CPU session "
         "(a batch only adds cache pressure there), else the whole batch",
     )
-    providers: tuple[ProviderConfig, ...] = Field(
+    providers: tuple[ProviderEntry, ...] = Field(
         (ProviderConfig(name="CPUExecutionProvider"),),
         min_length=1,
         description="execution providers in order of preference: a name, or {name, options}",
@@ -79,13 +105,6 @@ class OnnxRuntimeConfig(_Common):
         description="leave out providers this ONNX Runtime lacks (logged) instead of refusing to start; "
         "CPUExecutionProvider is added last when nothing is left",
     )
-
-    @field_validator("providers", mode="before")
-    @classmethod
-    def _names_to_entries(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
 
     @field_validator("providers")
     @classmethod
