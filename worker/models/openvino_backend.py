@@ -16,8 +16,9 @@ dynamic when the model's is) and compiles it for ``device``.
 - **Compiled-model cache**: with ``cache_dir`` OpenVINO stores the compiled model there
   (``CACHE_DIR``) and a restart loads it instead of compiling again (``info.details`` says which).
 
-Measured on the 2-core VM (AVX512-BF16), bundled model at 480x480, one thread: BF16 0.59x the time
-of ONNX Runtime FP32 per frame with class-score correlation 0.99994 (see ``benchmarks/backends.py``).
+Measured on the 2-core VM (AVX512-BF16, shared), bundled model at 480x480, one thread, alternated with
+ONNX Runtime FP32: BF16 1.4-1.6x the frames/s (CPU time per frame 1.43-1.51x less), segm mAP50 on the
+demo clip 0.9198 vs 0.9192 (``benchmarks/backends.py``).
 """
 
 from __future__ import annotations
