@@ -59,7 +59,7 @@ from worker.frame import Frame
 from worker.messages import FrameResult
 from worker.models.letterbox import letterbox_batch
 from worker.models.onnx_backend import OnnxSegmentationModel
-from worker.models.registry import ModelRegistry, default_models_dirs
+from worker.models.registry import ModelRegistry, default_models_dirs, load_backend
 from worker.step.executor import WorkflowRunner
 from worker.step.workflow import load_workflow
 
@@ -83,8 +83,7 @@ class Case:
 
 def _build_runner(config: PipelineConfig, models_dir: Path | None) -> WorkflowRunner:
     registry = ModelRegistry(default_models_dirs(models_dir))
-    options = config.model.backend_options()
-    return WorkflowRunner(load_workflow(config.workflow), registry, backend_options=options)
+    return WorkflowRunner(load_workflow(config.workflow), registry, model_config=config.model)
 
 
 def run_bare(model: OnnxSegmentationModel, images: list[np.ndarray], case: Case, frames: int) -> float:
@@ -253,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             base = _config(args, case, native, args.clip, Path(tmp) / "pipeline.jsonl", baseline=True)
             sized = model
             if case.input_size != native:
-                sized = OnnxSegmentationModel(
-                    model.package_path, **base.model.backend_options(), model_id=model.model_id
-                )
+                sized = load_backend(model.package_path, base.model, model_id=model.model_id)
+                assert isinstance(sized, OnnxSegmentationModel)  # (a) needs its session's settings
             bare = run_bare(sized, images, case, args.frames)
             loop = run_loop(base, models_dir, args.clip, args.frames, Path(tmp) / "loop.jsonl")
             pipe = asyncio.run(run_counted_pipeline(config, models_dir, args.frames)).fps

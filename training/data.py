@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from training.synth import Scene, random_scene
+from worker.models.letterbox import PAD_VALUE
 
 __all__ = [
     "CLIP",
@@ -51,7 +52,6 @@ __all__ = [
 
 TRAIN, VAL, TEST, CLIP = 0, 1, 2, 3
 MAX_INSTANCES = 16
-PAD_VALUE = 114
 WIDE_FRACTION = 0.35  # share of samples that are letterboxed wide (16:9) frames
 DENSE_PARTS = (10, 16)  # parts drawn in a crowded wide frame (``dense``)
 

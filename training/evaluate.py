@@ -5,9 +5,10 @@ Usage::
     python -m training.evaluate --package worker/bundled_models/factory-parts/1 \
         --input-sizes 320 384 416 448 480 512 --write
 
-Everything goes through the worker's own code: ``OnnxSegmentationModel`` (letterbox + batched
-ONNX Runtime) and ``postprocess_frame`` (thresholds, NMS, crop-based mask decoding), masks encoded
-with ``worker.step.rle.encode_crop`` exactly as the v4 step publishes them.
+Everything goes through the worker's own code: a ``SegmentationBackend`` (letterbox + batched
+inference; ``--backend`` picks ONNX Runtime or OpenVINO) and ``postprocess_frame`` (thresholds, NMS,
+crop-based mask decoding), masks encoded with ``worker.step.rle.encode_crop`` exactly as the v4 step
+publishes them.
 
 - Held-out frames: ``--frames`` generated frames of stream ``[--seed, TEST]`` (never used in
   training), at their original sizes (320x320 squares and 640x360 wide frames).
@@ -31,8 +32,6 @@ with ``worker.step.rle.encode_crop`` exactly as the v4 step publishes them.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import tempfile
 import time
@@ -43,16 +42,16 @@ from typing import Any
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from training.data import TEST, VAL, eval_frame
 from training.make_clip import CLIP_FILE, GT_FILE, coco_categories, make_clip
 from training.synth import CLASS_NAMES
-from worker.models.onnx_backend import OnnxSegmentationModel
-from worker.step.detections import Detections
-from worker.step.postprocess import PostprocessParams, postprocess_frame
-from worker.step.rle import encode_crop
+from worker.models.backend import SegmentationBackend
+from worker.models.config import OnnxRuntimeConfig, OpenVinoConfig
+from worker.models.evaluation import coco_eval as _coco_eval
+from worker.models.evaluation import detections_to_coco, predict, run_cocoeval
+from worker.models.registry import load_backend
+from worker.step.postprocess import PostprocessParams
 
 __all__ = [
     "MODES",
@@ -126,93 +125,9 @@ def load_clip(assets: Path = DEFAULT_ASSETS) -> tuple[Iterator[np.ndarray], dict
     return frames(), gt
 
 
-def predict(
-    model: OnnxSegmentationModel,
-    images: Iterable[np.ndarray],
-    params: Sequence[PostprocessParams],
-    *,
-    batch: int = 8,
-) -> list[list[Detections]]:
-    """Run the model over ``images`` in batches and post-process each frame with every ``params``.
-
-    Returns:
-        ``out[k][i]``: detections of frame ``i`` with ``params[k]``.
-    """
-    out: list[list[Detections]] = [[] for _ in params]
-    chunk: list[np.ndarray] = []
-
-    def flush() -> None:
-        for raw in model.infer(chunk):
-            for k, p in enumerate(params):
-                out[k].append(postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, p))
-        chunk.clear()
-
-    for img in images:
-        chunk.append(img)
-        if len(chunk) == batch:
-            flush()
-    if chunk:
-        flush()
-    return out
-
-
-def detections_to_coco(dets: Sequence[Detections], image_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """COCO results (bbox xywh, RLE from the crops as the v4 step encodes them, score)."""
-    results = []
-    for image_id, d in zip(image_ids, dets, strict=True):
-        for j in range(len(d)):
-            x1, y1, x2, y2 = (float(v) for v in d.xyxy[j])
-            crop, (ox, oy) = d.masks.crops[j], d.masks.offsets[j]
-            results.append(
-                {
-                    "image_id": int(image_id),
-                    "category_id": int(d.class_id[j]) + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "segmentation": encode_crop(crop, (int(ox), int(oy)), d.frame_shape),
-                    "score": float(d.confidence[j]),
-                }
-            )
-    return results
-
-
-def _run_cocoeval(
-    gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, iou_thrs=None
-) -> COCOeval:
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results) if results else COCO()
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
-        if iou_thrs is not None:
-            ev.params.iouThrs = np.asarray(iou_thrs, dtype=np.float64)
-        ev.evaluate()
-        ev.accumulate()
-    return ev
-
-
 def coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> dict[str, Any]:
-    """mAP50 and mAP50:95 overall and per class (area all, 100 detections per image).
-
-    Args:
-        gt: COCO ground truth dict.
-        results: COCO results.
-        iou_type: ``"bbox"`` or ``"segm"``.
-    """
-    if not results:
-        zero = {"map50": 0.0, "map": 0.0}
-        return {**zero, "per_class": {n: dict(zero) for n in CLASS_NAMES}}
-    ev = _run_cocoeval(gt, results, iou_type)
-    prec = ev.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
-
-    def mean(p: np.ndarray) -> float:
-        p = p[p > -1]
-        return float(p.mean()) if p.size else float("nan")
-
-    per_class = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        per_class[CLASS_NAMES[cat_id - 1]] = {"map50": mean(prec[0, :, k]), "map": mean(prec[:, :, k])}
-    return {"map50": mean(prec[0]), "map": mean(prec), "per_class": per_class}
+    """mAP50 and mAP50:95 overall and per class (``worker.models.evaluation.coco_eval``)."""
+    return _coco_eval(gt, results, iou_type)
 
 
 def f1_thresholds(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
@@ -221,7 +136,7 @@ def f1_thresholds(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[fl
     Returns:
         ``(overall, {class name: threshold})``; classes without ground truth are left out.
     """
-    ev = _run_cocoeval(gt, results, "segm", iou_thrs=[0.5])
+    ev = run_cocoeval(gt, results, "segm", iou_thrs=[0.5])
     scores: dict[int, list[np.ndarray]] = {c: [] for c in ev.params.catIds}
     matched: dict[int, list[np.ndarray]] = {c: [] for c in ev.params.catIds}
     n_gt = dict.fromkeys(ev.params.catIds, 0)
@@ -273,7 +188,7 @@ def eval_params(mode: str, factor: float, confidence: float, iou: float) -> Post
 
 
 def evaluate_set(
-    model: OnnxSegmentationModel,
+    model: SegmentationBackend,
     images: Iterable[np.ndarray],
     gt: dict[str, Any],
     *,
@@ -335,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also generate the demo clip with these seeds and score each (segm, accurate)",
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--backend",
+        choices=("onnxruntime", "openvino"),
+        default="onnxruntime",
+        help="engine (openvino runs at precision auto: BF16 where the CPU has it)",
+    )
     ap.add_argument("--write", action="store_true", help="write thresholds and metrics into metadata.json")
     ap.add_argument("--report", type=Path, default=REPO / "training" / "runs" / "evaluation.json")
     ap.add_argument(
@@ -359,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.input_sizes:
         sweep = {}
         for s in a.input_sizes:
-            m = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, input_size=(s, s))
+            m = _load(a, (s, s))
             r = evaluate_set(m, images, gt, modes=(("accurate", 0.0),))
             sweep[s] = {"segm_map": r["segm_accurate"]["map"], "segm_map50": r["segm_accurate"]["map50"]}
             print(
@@ -375,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             "validation": {str(k): v for k, v in sweep.items()},
         }
         print(f"default input size: {best}x{best}", flush=True)
-    model = OnnxSegmentationModel(a.package, intra_op_threads=a.threads, inter_op_threads=1, input_size=size)
+    model = _load(a, size)
     evaluation["input_size"] = list(model.input_size)
     (val_dets,) = predict(model, images, [eval_params("accurate", 0.0, 0.01, 0.5)])
     overall, per_class = f1_thresholds(gt, detections_to_coco(val_dets, [im["id"] for im in gt["images"]]))
@@ -409,8 +330,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote recommended_parameters and metrics to {path}, imgsz {list(model.input_size)}")
 
 
+def _load(a: argparse.Namespace, size: tuple[int, int] | None) -> SegmentationBackend:
+    if a.backend == "openvino":
+        return load_backend(a.package, OpenVinoConfig(backend="openvino", threads=a.threads, input_size=size))
+    return load_backend(a.package, OnnxRuntimeConfig(intra_op_threads=a.threads, input_size=size))
+
+
 def clip_seed_spread(
-    model: OnnxSegmentationModel, seeds: Sequence[int], *, seconds: float = 10.0
+    model: SegmentationBackend, seeds: Sequence[int], *, seconds: float = 10.0
 ) -> dict[str, Any]:
     """Segm (``accurate``) mAP50 and mAP50:95 of the demo clip made with each of ``seeds``
     (``seconds`` long), and their minimum, mean and maximum mAP50 under ``"summary"``."""

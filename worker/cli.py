@@ -1,4 +1,4 @@
-"""The ``segstream`` command: ``run``, ``validate``, ``infer``, ``schema``."""
+"""The ``segstream`` command: ``run``, ``validate``, ``infer``, ``schema``, ``models``, ``quantize``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _workflow_and_models_dir(path: Path) -> tuple[Any, Path | None, dict[str, An
     doc = _read(path)
     if looks_like_pipeline(doc):
         pipeline = load_pipeline(path)
-        options: dict[str, Any] = {**pipeline.model.backend_options(), "blas_threads": pipeline.blas_threads}
+        options: dict[str, Any] = {"model_config": pipeline.model, "blas_threads": pipeline.blas_threads}
         return load_workflow(pipeline.workflow), pipeline.model.models_dir, options
     return load_workflow(doc), None, {}
 
@@ -51,7 +51,7 @@ def _runner(path: Path, models_dir: Path | None) -> Any:
     # as the worker does: post-processing's BLAS stays single-threaded next to ONNX Runtime
     limit_blas_threads(options.pop("blas_threads", PipelineConfig.model_fields["blas_threads"].default))
     registry = ModelRegistry(_models_dirs(models_dir, pipeline_models_dir))
-    return WorkflowRunner(workflow, registry, backend_options=options)
+    return WorkflowRunner(workflow, registry, model_config=options.get("model_config"))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -220,6 +220,92 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline_file(args.file, models_dir=args.models_dir)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from worker.models.package import load_model_metadata, locate_package
+    from worker.models.registry import ModelRegistry
+
+    registry = ModelRegistry(_models_dirs(args.models_dir, None))
+    rows = []
+    for model_id, folder in registry.available():
+        package = locate_package(folder)
+        files = [p.name for p in package.weights_files]
+        try:
+            meta = load_model_metadata(folder)
+        except SegstreamError as exc:
+            rows.append({"id": model_id, "path": str(folder), "files": files, "error": str(exc)})
+            continue
+        quantization = meta.quantization or {}
+        backends = ["onnxruntime", "openvino"] if package.onnx_path is not None else ["openvino"]
+        made_by = quantization.get("made_by") or meta.provenance.get("made_by") or ""
+        if quantization:
+            made_by = f"{made_by} from {quantization.get('source_model', '?')}"
+        row: dict[str, Any] = {
+            "id": model_id,
+            "path": str(folder),
+            "files": files,
+            "backends": backends,
+            "classes": list(meta.class_names),
+            "input_size": list(meta.input_size),
+            "dynamic_input": meta.dynamic_input,
+            "precision": "int8" if quantization else str(meta.provenance.get("weights_precision", "fp32")),
+            "provenance": made_by,
+        }
+        if quantization:
+            accuracy = quantization.get("accuracy", {})
+            row["segm_map50_drop"] = accuracy.get("segm_map50_drop")
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models found in " + ", ".join(str(d) for d in registry.models_dirs))
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"{row['id']}  {row['path']}\n    error: {row['error']}")
+            continue
+        size = "x".join(str(v) for v in row["input_size"]) + (" (dynamic)" if row["dynamic_input"] else "")
+        drop = f", segm mAP50 drop {row['segm_map50_drop']}" if row.get("segm_map50_drop") is not None else ""
+        print(
+            f"{row['id']}  {row['precision']}  input {size}  {len(row['classes'])} classes: "
+            f"{', '.join(row['classes'])}\n    files: {', '.join(row['files'])} "
+            f"(backends: {', '.join(row['backends'])})  {row['path']}\n"
+            f"    provenance: {row['provenance'] or 'unknown'}{drop}"
+        )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from worker.models.quantize import describe_drop, quantize_package
+    from worker.models.registry import ModelRegistry, validate_model_id
+
+    registry = ModelRegistry(_models_dirs(args.models_dir, None))
+    source = registry.resolve(args.model_id)
+    output_id = args.output_id or f"{args.model_id}-int8"
+    project, version = validate_model_id(output_id)
+    output_root = args.output_dir or source.parent.parent
+    result = quantize_package(
+        source,
+        output_root / project / version,
+        source_id=args.model_id,
+        model_id=output_id,
+        calibration=args.calibration,
+        ground_truth=args.ground_truth,
+        evaluation=args.evaluation,
+        max_drop=args.max_drop,
+        keep_float=args.keep_float,
+        calibration_frames=args.calibration_frames,
+        eval_frames=args.eval_frames,
+        threads=args.threads,
+    )
+    size = result.record["weights_bytes"]
+    print(
+        f"wrote {result.model_id} to {result.package} ({size / 1e6:.1f} MB of weights): "
+        f"{describe_drop(result.record)}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segstream", description="Instance segmentation on live video streams, published over MQTT."
@@ -274,6 +360,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     schema.add_argument("kind", choices=KINDS)
     schema.set_defaults(func=_cmd_schema)
+
+    models = sub.add_parser("models", help="list the model packages found (what a worker can load)")
+    models.add_argument("--json", action="store_true", help="one JSON array instead of text")
+    models_dir_option(models)
+    models.set_defaults(func=_cmd_models)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="write an INT8 package of a model (NNCF, OpenVINO), refused when it loses too much accuracy",
+    )
+    quantize.add_argument("model_id", help="the float model (project/version)")
+    quantize.add_argument(
+        "--calibration", type=Path, required=True, help="video file or image folder of real frames"
+    )
+    quantize.add_argument(
+        "--ground-truth",
+        type=Path,
+        default=None,
+        help="COCO file naming frames of the evaluation video (frame_index) or folder (file_name); "
+        "without it accuracy is the INT8 model's agreement with the float model",
+    )
+    quantize.add_argument(
+        "--evaluation",
+        type=Path,
+        default=None,
+        help="video or image folder accuracy is measured on (default: the calibration source)",
+    )
+    quantize.add_argument("--max-drop", type=float, default=0.01, help="largest segm mAP50 drop accepted")
+    quantize.add_argument("--output-id", default=None, help="the new package's id (default: <id>-int8)")
+    quantize.add_argument(
+        "--output-dir", type=Path, default=None, help="models folder to write to (default: the source's)"
+    )
+    quantize.add_argument(
+        "--keep-float",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: the convolutions producing the outputs stay float; none: quantize everything",
+    )
+    quantize.add_argument("--calibration-frames", type=int, default=100, help="at most this many frames")
+    quantize.add_argument(
+        "--eval-frames", type=int, default=None, help="measure accuracy on this many frames (default: all)"
+    )
+    quantize.add_argument("--threads", type=int, default=0, help="engine threads (0: default)")
+    models_dir_option(quantize)
+    quantize.set_defaults(func=_cmd_quantize)
     return parser
 
 

@@ -8,6 +8,9 @@ their lines) and validated with pydantic in one pass, the ``workflow`` section i
 that names the step and the field (:func:`worker.documents.describe`). Secrets never sit in the file:
 the broker password comes from ``$SEGSTREAM_MQTT_PASSWORD`` (or the variable / file the ``broker``
 section names).
+
+The ``model`` section (``ModelRuntimeConfig``: which backend, its settings) lives in
+``worker.models.config``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worker.documents import config_error, read_document
 from worker.errors import ConfigError
+from worker.models.config import ModelRuntimeConfig, OnnxRuntimeConfig
 from worker.mqtt import BrokerConfig
 from worker.sinks import SinkConfig
 from worker.sources import SourceConfig
@@ -49,36 +53,6 @@ class BatchingConfig(_Strict):
 
     max_batch_size: int = Field(4, ge=1, le=64)
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
-
-
-class ModelRuntimeConfig(_Strict):
-    """ONNX Runtime settings and where model packages are looked up."""
-
-    models_dir: Path | None = Field(None, description="else $SEGSTREAM_MODELS_DIR, else the bundled models")
-    intra_op_threads: int = Field(0, ge=0, le=256, description="0: ONNX Runtime's default")
-    inter_op_threads: int = Field(1, ge=0, le=64)
-    input_size: tuple[int, int] | None = Field(
-        None, description="run the model at (h, w) instead of its default"
-    )
-    session_batch: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="most frames per ONNX Runtime call; default: 1 for a single-threaded CPU session "
-        "(a batch only adds cache pressure there), else the whole batch",
-    )
-
-    def backend_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``OnnxSegmentationModel`` (those set; the rest keep its defaults)."""
-        options: dict[str, Any] = {
-            "intra_op_threads": self.intra_op_threads,
-            "inter_op_threads": self.inter_op_threads,
-        }
-        if self.input_size is not None:
-            options["input_size"] = tuple(self.input_size)
-        if self.session_batch is not None:
-            options["session_batch"] = self.session_batch
-        return options
 
 
 class HttpConfig(_Strict):
@@ -185,7 +159,7 @@ class PipelineConfig(_Strict):
     broker: BrokerConfig | None = None
     control: ControlConfig = ControlConfig()
     http: HttpConfig = HttpConfig()
-    model: ModelRuntimeConfig = ModelRuntimeConfig()
+    model: ModelRuntimeConfig = OnnxRuntimeConfig()
     shutdown_grace_s: float = Field(20.0, gt=0, le=600)
     broker_required: bool = Field(
         False,

@@ -131,7 +131,8 @@ def model_id_problem(model_id: object) -> str | None:
     if parts[1].lower().endswith(".onnx"):
         return (
             f"invalid model_id {model_id!r}: a model_id names a package 'project/version', not an .onnx "
-            "file (load files with ModelRegistry.load_path / the CLI's model path option)"
+            "file; put the file in a folder <models_dir>/<project>/<version>/ (any .onnx name) and use "
+            "'project/version'"
         )
     return None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -192,6 +192,13 @@ class Metrics:
         self._broker = Gauge(
             "segstream_broker_connected", "1 while the MQTT broker is connected.", registry=r
         )
+        self._model_info = Gauge(
+            "segstream_model_info",
+            "1 per loaded model: its backend, precision, the execution providers/devices asked for and "
+            "those in use.",
+            ["model_id", "backend", "precision", "requested", "used"],
+            registry=r,
+        )
         self._reconnects = Counter(
             "segstream_reconnects",
             "Reconnect attempts, by target (source id or broker).",
@@ -285,6 +292,12 @@ class Metrics:
 
     def reconnect(self, target: str) -> None:
         self._reconnect_children.get(target).inc()
+
+    def model_loaded(
+        self, model_id: str, backend: str, precision: str, requested: Sequence[str], used: Sequence[str]
+    ) -> None:
+        """Export a loaded model's backend facts (``segstream_model_info``, value 1)."""
+        self._model_info.labels(model_id, backend, precision, ",".join(requested), ",".join(used)).set(1)
 
     def batch_done(self, size: int, model_seconds: float, postprocess_seconds: float) -> None:
         self._batch_size.observe(size)

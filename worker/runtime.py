@@ -148,6 +148,10 @@ class Worker:
         )
         # the broker is a readiness condition through the MQTT sinks (sources show in sources_attached)
         self.health = HealthState(broker_required=any(c.type == "mqtt" for c in config.sinks))
+        for model_id, model in runner.models.items():
+            info = model.info
+            log.info("model %s: %s", model_id, info.summary())
+            self.metrics.model_loaded(model_id, info.backend, info.precision, info.requested, info.used)
         self.health.set_model_loaded(True)
         self.preview = PreviewHub(enabled=config.http.preview, max_fps=config.http.preview_fps)
         self.preview.set_sources([s.id for s in config.sources])
@@ -206,8 +210,7 @@ class Worker:
         pool = BlockingPool("model", config.inference_threads)
         try:
             dirs = default_models_dirs(models_dir or config.model.models_dir)
-            options = config.model.backend_options()
-            runner = await pool.run(WorkflowRunner, workflow, ModelRegistry(dirs), backend_options=options)
+            runner = await pool.run(WorkflowRunner, workflow, ModelRegistry(dirs), model_config=config.model)
             return cls(config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks)
         except BaseException:
             pool.shutdown(wait=False)

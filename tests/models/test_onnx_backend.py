@@ -215,7 +215,9 @@ def test_session_errors_become_model_errors(tmp_path: Path) -> None:
     (folder / "metadata.json").write_text('{"class_names": ["a"]}')
     with pytest.raises(ModelError, match="cannot load ONNX model"):
         OnnxSegmentationModel(folder)
-    with pytest.raises(ModelError, match="unavailable execution providers"):
+    with pytest.raises(
+        ModelError, match=r"execution providers \[.NoSuchExecutionProvider.\] are not available"
+    ):
         OnnxSegmentationModel(_package(tmp_path), providers=("NoSuchExecutionProvider",))
     with pytest.raises(ModelError, match="does not exist"):
         OnnxSegmentationModel(tmp_path / "missing")

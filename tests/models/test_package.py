@@ -15,6 +15,7 @@ from tests.support.onnx_models import (
     write_model_package,
 )
 from worker.errors import ModelError
+from worker.models.onnx_backend import OnnxSegmentationModel
 from worker.models.package import (
     ModelMetadata,
     RecommendedParameters,
@@ -194,10 +195,43 @@ def test_model_metadata_is_frozen_and_strict() -> None:
         ModelMetadata(class_names=("a",), input_size=(64, 64), colour="red")  # type: ignore[call-arg]
 
 
-def test_channel_count_hidden_by_dynamic_axes_is_checked_on_a_probe_run(tmp_path: Path) -> None:
+def test_channel_count_hidden_by_dynamic_axes_is_checked_when_a_backend_loads(tmp_path: Path) -> None:
+    # metadata is read without an inference session, so a count the graph hides cannot be seen
+    # there; the backend's warm-up run (and every run) checks the actual outputs
     model = build_segmentation_model(2, hide_channel_count=True, dynamic_spatial=True)
     ok = write_model_package(tmp_path / "ok", model, package_metadata(["a", "b"], (64, 64)))
     assert load_model_metadata(ok).num_classes == 2
     bad = write_model_package(tmp_path / "bad", model, package_metadata(NAMES, (64, 64)))
+    assert load_model_metadata(bad).num_classes == 3
     with pytest.raises(ModelError, match=r"predictions output has shape \(1, 38, 1\)"):
-        load_model_metadata(bad)
+        OnnxSegmentationModel(bad, intra_op_threads=1)
+
+
+def test_metadata_is_read_without_an_inference_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_model_metadata created an ONNX Runtime session")
+
+    folder = write_model_package(tmp_path / "p", build_segmentation_model(3), package_metadata(NAMES))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    assert load_model_metadata(folder).class_names == tuple(NAMES)
+
+
+def test_a_folder_with_one_onnx_file_of_any_name_loads(tmp_path: Path) -> None:
+    from worker.models.registry import ModelRegistry
+
+    folder = tmp_path / "yolo" / "1"
+    folder.mkdir(parents=True)
+    props = ultralytics_metadata_props(NAMES, (64, 64), stride=32, version="8.4.0")
+    save_model(build_segmentation_model(3, metadata_props=props), folder / "yolov8n-seg.onnx")
+    assert locate_package(folder).weights_path == folder / "yolov8n-seg.onnx"
+    registry = ModelRegistry([tmp_path])
+    assert registry.available_ids() == ["yolo/1"]
+    model = registry.load("yolo/1")
+    assert model.class_names == tuple(NAMES) and model.input_size == (64, 64)
+    save_model(build_segmentation_model(3, metadata_props=props), folder / "yolo11n-seg.onnx")
+    with pytest.raises(ModelError, match=r"several ONNX files \['yolo11n-seg\.onnx', 'yolov8n-seg\.onnx'\]"):
+        locate_package(folder)

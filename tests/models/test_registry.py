@@ -16,8 +16,10 @@ from tests.support.onnx_models import (
     write_model_package,
 )
 from worker.errors import ModelError
+from worker.models.config import OnnxRuntimeConfig
 from worker.models.onnx_backend import OnnxSegmentationModel
 from worker.models.registry import (
+    BACKENDS,
     BUNDLED_MODELS_DIR,
     MODELS_DIR_ENV,
     InvalidModelIdError,
@@ -25,6 +27,8 @@ from worker.models.registry import (
     default_models_dirs,
     validate_model_id,
 )
+
+ONE_THREAD = OnnxRuntimeConfig(intra_op_threads=1)
 
 
 def _package(models_dir: Path, model_id: str, class_names: list[str]) -> Path:
@@ -89,8 +93,8 @@ def test_resolution_order_with_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     registry = ModelRegistry(default_models_dirs())
     assert registry.resolve("parts/1") == first / "parts" / "1"
     assert registry.resolve("parts/2") == second / "parts" / "2"
-    assert registry.load("parts/1", intra_op_threads=1).class_names == ("a",)
-    assert registry.load("parts/2", intra_op_threads=1).class_names == ("a", "b")
+    assert registry.load("parts/1", ONE_THREAD).class_names == ("a",)
+    assert registry.load("parts/2", ONE_THREAD).class_names == ("a", "b")
     cli_first = ModelRegistry(default_models_dirs(second))
     assert cli_first.resolve("parts/1") == second / "parts" / "1"
     with pytest.raises(ModelError, match="not found"):
@@ -113,22 +117,24 @@ def test_unresolvable_id_lists_where_and_what(tmp_path: Path) -> None:
 def test_load_is_cached_per_model_and_options(tmp_path: Path) -> None:
     _package(tmp_path, "parts/1", ["a"])
     registry = ModelRegistry([tmp_path])
-    model = registry.load("parts/1", intra_op_threads=1)
+    model = registry.load("parts/1", ONE_THREAD)
     assert isinstance(model, OnnxSegmentationModel) and model.model_id == "parts/1"
-    assert registry.load("parts/1", intra_op_threads=1) is model
-    other = registry.load("parts/1", intra_op_threads=1, providers=["CPUExecutionProvider"])
-    assert other is registry.load("parts/1", intra_op_threads=1, providers=("CPUExecutionProvider",))
-    assert registry.load("parts/1", intra_op_threads=2) is not model
-    assert len(registry.loaded()) == 3
+    assert registry.load("parts/1", ONE_THREAD) is model
+    # the same settings written another way are the same model (the default provider is the CPU's)
+    by_name = OnnxRuntimeConfig(intra_op_threads=1, providers=["CPUExecutionProvider"])
+    assert registry.load("parts/1", by_name) is model
+    by_entry = OnnxRuntimeConfig(intra_op_threads=1, providers=[{"name": "CPUExecutionProvider"}])
+    assert registry.load("parts/1", by_entry) is model
+    assert registry.load("parts/1", OnnxRuntimeConfig(intra_op_threads=2)) is not model
+    assert len(registry.loaded()) == 2
 
 
 def test_concurrent_loads_share_one_model(tmp_path: Path) -> None:
     _package(tmp_path, "parts/1", ["a"])
     registry = ModelRegistry([tmp_path])
-    models: list[OnnxSegmentationModel] = []
+    models: list[Any] = []
     threads = [
-        threading.Thread(target=lambda: models.append(registry.load("parts/1", intra_op_threads=1)))
-        for _ in range(4)
+        threading.Thread(target=lambda: models.append(registry.load("parts/1", ONE_THREAD))) for _ in range(4)
     ]
     for thread in threads:
         thread.start()
@@ -140,9 +146,9 @@ def test_concurrent_loads_share_one_model(tmp_path: Path) -> None:
 def test_load_path_for_the_cli(tmp_path: Path) -> None:
     folder = _package(tmp_path / "anywhere", "x/y", ["a", "b"])
     registry = ModelRegistry([])
-    model = registry.load_path(folder, intra_op_threads=1)
+    model = registry.load_path(folder, ONE_THREAD)
     assert model.class_names == ("a", "b") and model.model_id is None
-    assert registry.load_path(folder, intra_op_threads=1) is model
+    assert registry.load_path(folder, ONE_THREAD) is model
     result = model.infer([np.zeros((20, 10, 3), np.uint8)])[0]
     assert result.predictions[4, 0] == pytest.approx(0.2)
 
@@ -153,3 +159,20 @@ def test_broken_package_shadowing_is_an_error_not_a_fallback(tmp_path: Path) -> 
     registry = ModelRegistry([tmp_path / "first", tmp_path / "second"])
     with pytest.raises(ModelError, match=r"no weights\.onnx"):
         registry.load("parts/1")
+
+
+def test_backends_table_names_every_settings_class() -> None:
+    assert sorted(BACKENDS) == ["onnxruntime", "openvino"]
+    for name, entry in BACKENDS.items():
+        assert entry.config.model_fields["backend"].annotation.__args__ == (name,)  # type: ignore[union-attr]
+
+
+def test_openvino_only_package_is_listed_and_refused_by_onnxruntime(tmp_path: Path) -> None:
+    folder = tmp_path / "parts" / "1-int8"
+    folder.mkdir(parents=True)
+    (folder / "weights.xml").write_text("<net/>")
+    (folder / "weights.bin").write_bytes(b"")
+    registry = ModelRegistry([tmp_path])
+    assert registry.available_ids() == ["parts/1-int8"]
+    with pytest.raises(ModelError, match=r"only the OpenVINO IR weights\.xml.*use model\.backend: openvino"):
+        registry.load("parts/1-int8")

@@ -15,13 +15,69 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["LetterboxInfo", "compute_letterbox", "letterbox", "letterbox_batch"]
+__all__ = [
+    "PAD_VALUE",
+    "BoxGeometry",
+    "LetterboxInfo",
+    "compute_letterbox",
+    "letterbox",
+    "letterbox_batch",
+    "map_boxes_to_frame",
+]
+
+#: the letterbox padding value (all three channels) of YOLO models, Ultralytics' and the reference's
+PAD_VALUE = 114
 
 _255 = np.float32(255.0)
+
+
+class BoxGeometry(Protocol):
+    """What mapping boxes back needs of a letterbox (``LetterboxInfo`` or a look-alike)."""
+
+    @property
+    def scale(self) -> float: ...
+    @property
+    def pad_x(self) -> float: ...
+    @property
+    def pad_y(self) -> float: ...
+    @property
+    def orig_size(self) -> tuple[int, int]: ...
+
+
+def map_boxes_to_frame(xyxy_input: npt.NDArray[np.floating], geometry: BoxGeometry) -> np.ndarray:
+    """Boxes from input pixels to frame pixels: remove padding, divide by scale, clip to the frame.
+
+    The one implementation (post-processing and ``LetterboxInfo.boxes_to_frame`` both use it);
+    computed in float64, returned as float32.
+
+    Args:
+        xyxy_input: ``(N, 4)`` boxes ``x0, y0, x1, y1`` in model-input pixels. Not modified.
+        geometry: the frame's letterbox geometry.
+
+    Returns:
+        float32 ``(N, 4)`` boxes, x in ``[0, W]``, y in ``[0, H]``.
+
+    Raises:
+        ValueError: ``xyxy_input`` is not ``(N, 4)``.
+
+    Example:
+        1280x720 frame in 640x640 (scale 0.5, pad_y 140): ``[10, 150, 110, 250]`` -> ``[20, 20, 220, 220]``.
+    """
+    boxes = np.asarray(xyxy_input, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be (N, 4) xyxy, got shape {boxes.shape}")
+    pad = np.array([geometry.pad_x, geometry.pad_y] * 2, dtype=np.float64)
+    out = (boxes - pad) / float(geometry.scale)
+    height, width = geometry.orig_size
+    np.clip(out[:, 0::2], 0.0, width, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0.0, height, out=out[:, 1::2])
+    return out.astype(np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +116,7 @@ class LetterboxInfo:
             A 1280x720 frame in a 640x640 input: scale 0.5, pad_y 140. The input box
             ``[10, 150, 110, 250]`` is ``[20, 20, 220, 220]`` in the frame.
         """
-        boxes = _check_boxes(xyxy)
-        out = (boxes - np.array([self.pad_x, self.pad_y, self.pad_x, self.pad_y], np.float32)) / np.float32(
-            self.scale
-        )
-        height, width = self.orig_size
-        np.clip(out[:, 0::2], 0.0, width, out=out[:, 0::2])
-        np.clip(out[:, 1::2], 0.0, height, out=out[:, 1::2])
-        return out
+        return map_boxes_to_frame(xyxy, self)
 
     def boxes_to_input(self, xyxy: np.ndarray, grid_size: tuple[int, int] | None = None) -> np.ndarray:
         """Map boxes from frame pixels to input pixels, or onto a grid that covers the input.
@@ -160,7 +209,7 @@ input_size=(640, 640), resized_size=(360, 640))
 def letterbox(
     image_bgr: np.ndarray,
     input_size: tuple[int, int],
-    pad_value: int = 114,
+    pad_value: int = PAD_VALUE,
     *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, LetterboxInfo]:
@@ -222,7 +271,7 @@ def letterbox(
 def letterbox_batch(
     images_bgr: Sequence[np.ndarray],
     input_size: tuple[int, int],
-    pad_value: int = 114,
+    pad_value: int = PAD_VALUE,
     *,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[LetterboxInfo]]:

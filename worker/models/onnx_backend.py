@@ -12,54 +12,105 @@ sessions side by side (the demo's ``inference_threads: 2``): 14.1 / 14.3 / 15.5 
 for batches of 1 / 2 / 4, 26.2 / 26.4 / 30.1 ms at 640; one session on 2 threads, though, ran a
 batch of 4 at 640 in 32 ms a frame against 41 ms one by one.
 
+Execution providers: ``providers`` in order of preference, each a name or ``(name, options)`` with
+ONNX Runtime's own provider options (CUDA ``device_id``, TensorRT ``trt_fp16_enable``,
+``trt_engine_cache_path``...). A provider this ONNX Runtime lacks is an error naming what it has,
+or, with ``allow_fallback``, left out with a warning (``CPUExecutionProvider`` is appended when
+nothing is left). ONNX Runtime may still put nodes on a later provider; ``info.used`` is what the
+session reports it uses. Both are logged at load and exported as the ``segstream_model_info`` labels.
+
 It is blocking and thread-safe: call it from the worker's thread pool, never from the event loop.
 ONNX Runtime's own threads are configured with ``intra_op_threads`` / ``inter_op_threads``.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from worker.errors import ModelError
-from worker.models.letterbox import LetterboxInfo, letterbox_batch
+from worker.models.backend import BackendInfo, LetterboxedBackend, RawSegmentation
 from worker.models.package import ModelMetadata, build_metadata, locate_package, read_metadata_file
-from worker.models.signature import (
-    ORT_ERRORS,
-    ModelSignature,
-    check_layout,
-    check_outputs,
-    read_signature,
-)
+from worker.models.signature import ORT_ERRORS, ModelSignature, check_layout, read_signature
 
-__all__ = ["OnnxSegmentationModel", "RawSegmentation"]
+__all__ = ["OnnxSegmentationModel", "ProviderSpec", "RawSegmentation", "resolve_providers"]
+
+log = logging.getLogger(__name__)
 
 _INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_PRECISION = {np.float32: "fp32", np.float16: "fp16"}
+
+#: a provider as the caller gives it: its name, or ``(name, {option: value})``
+ProviderSpec = str | tuple[str, Mapping[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class RawSegmentation:
-    """The model's raw outputs for one frame.
+def resolve_providers(
+    requested: Sequence[ProviderSpec],
+    available: Sequence[str],
+    *,
+    allow_fallback: bool = False,
+    source: str = "model",
+) -> list[tuple[str, dict[str, str]]]:
+    """Check the requested providers against those this ONNX Runtime has.
 
-    Attributes:
-        predictions: ``(4 + C + 32, N)`` float32: ``cx, cy, w, h`` in input pixels, C class
-            scores, 32 mask coefficients per candidate (a view into the batch output).
-        prototypes: ``(32, ph, pw)`` float32 mask prototypes (``ph, pw`` usually ``h/4, w/4``).
-        letterbox: how the frame was placed in the input (to map boxes and masks back).
+    Args:
+        requested: providers in order of preference (names, or ``(name, options)``).
+        available: ``onnxruntime.get_available_providers()``.
+        allow_fallback: leave out unavailable ones (logged) instead of failing.
+        source: the model, for messages.
+
+    Returns:
+        ``[(name, options as strings)]`` to hand to ``InferenceSession``.
+
+    Raises:
+        ModelError: no providers requested, or one is unavailable and ``allow_fallback`` is off.
+
+    Example:
+        >>> resolve_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"],
+        ...                   allow_fallback=True)
+        [('CPUExecutionProvider', {})]
     """
+    entries = [(r, {}) if isinstance(r, str) else (r[0], dict(r[1])) for r in requested]
+    if not entries:
+        raise ModelError(
+            f"{source}: no execution providers requested; this ONNX Runtime has {list(available)}"
+        )
+    missing = [name for name, _ in entries if name not in available]
+    if missing and not allow_fallback:
+        raise ModelError(
+            f"{source}: execution providers {missing} are not available in this ONNX Runtime "
+            f"(onnxruntime {ort.__version__} has {list(available)}); install the build that has them "
+            "(e.g. pip install 'segstream[gpu]' for CUDA/TensorRT) or set model.allow_fallback: true"
+        )
+    kept = [
+        (name, {k: _option_text(v) for k, v in opts.items()}) for name, opts in entries if name in available
+    ]
+    if missing:
+        if not kept:
+            kept = [("CPUExecutionProvider", {})]
+        log.warning(
+            "%s: execution providers %s are not available (this ONNX Runtime has %s); falling back to %s",
+            source,
+            missing,
+            list(available),
+            [name for name, _ in kept],
+        )
+    return kept
 
-    predictions: np.ndarray
-    prototypes: np.ndarray
-    letterbox: LetterboxInfo
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
 
 
-class OnnxSegmentationModel:
-    """A YOLOv8-seg layout ONNX model in an ONNX Runtime session.
+class OnnxSegmentationModel(LetterboxedBackend):
+    """A YOLOv8-seg layout ONNX model in an ONNX Runtime session (a :class:`SegmentationBackend`).
 
     Args:
         package_path_or_weights: a model package folder (``weights.onnx`` + ``metadata.json``)
@@ -67,7 +118,8 @@ class OnnxSegmentationModel:
         intra_op_threads: threads ONNX Runtime uses inside one operator (0: one per physical core).
         inter_op_threads: threads across operators; more than 1 switches the session to parallel
             execution mode (0: ONNX Runtime's default).
-        providers: ONNX Runtime execution providers in order of preference.
+        providers: execution providers in order of preference: names or ``(name, options)``.
+        allow_fallback: leave out unavailable providers (a warning) instead of raising.
         input_size: ``(h, w)`` to run at instead of the native size; only for models with dynamic
             spatial axes; multiples of the model's stride.
         allow_spinning: let idle ONNX Runtime threads spin (lower latency, but burns CPU between
@@ -80,11 +132,13 @@ class OnnxSegmentationModel:
             A fixed-batch model always runs its own batch size.
 
     Raises:
-        ModelError: missing files, bad metadata, unloadable ONNX, unknown provider, layout that
+        ModelError: missing files, bad metadata, unloadable ONNX, unavailable provider, layout that
             does not match the class count, or an ``input_size`` a fixed-size model cannot take.
         ValueError: negative thread counts, a ``session_batch`` below 1, or an ``input_size`` that
             is not a positive multiple of the stride.
     """
+
+    backend_name = "onnxruntime"
 
     def __init__(
         self,
@@ -92,13 +146,15 @@ class OnnxSegmentationModel:
         *,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        providers: Sequence[ProviderSpec] = ("CPUExecutionProvider",),
+        allow_fallback: bool = False,
         input_size: tuple[int, int] | None = None,
         allow_spinning: bool = False,
         warmup: bool = True,
         model_id: str | None = None,
         session_batch: int | None = None,
     ) -> None:
+        super().__init__()
         if session_batch is not None and session_batch < 1:
             raise ValueError(f"session_batch must be >= 1, got {session_batch}")
         if intra_op_threads < 0 or inter_op_threads < 0:
@@ -110,18 +166,13 @@ class OnnxSegmentationModel:
         self._source = model_id or str(package_path_or_weights)
         package = locate_package(package_path_or_weights)
         self.package_path: Path = package.root or package.weights_path
-        self.weights_path: Path = package.weights_path
+        self.weights_path: Path = package.require_onnx(self.backend_name)
         file_fields = read_metadata_file(package.metadata_path) if package.metadata_path else None
 
-        providers = list(providers)
-        available = ort.get_available_providers()
-        unknown = [p for p in providers if p not in available]
-        if not providers or unknown:
-            raise ModelError(
-                f"{self._source}: unavailable execution providers {unknown or providers}; "
-                f"this ONNX Runtime has {available}",
-                model_id=model_id,
-            )
+        self._requested = tuple(p if isinstance(p, str) else p[0] for p in providers)
+        chosen = resolve_providers(
+            providers, ort.get_available_providers(), allow_fallback=allow_fallback, source=self._source
+        )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
@@ -133,12 +184,15 @@ class OnnxSegmentationModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         try:
-            self._session = ort.InferenceSession(
-                str(package.weights_path), sess_options=options, providers=providers
+            self._session: ort.InferenceSession | None = ort.InferenceSession(
+                str(self.weights_path),
+                sess_options=options,
+                providers=[name for name, _ in chosen],
+                provider_options=[opts for _, opts in chosen],
             )
         except ORT_ERRORS as exc:
             raise ModelError(
-                f"{self._source}: cannot load ONNX model {package.weights_path}: {exc}", model_id=model_id
+                f"{self._source}: cannot load ONNX model {self.weights_path}: {exc}", model_id=model_id
             ) from exc
 
         try:
@@ -155,24 +209,16 @@ class OnnxSegmentationModel:
             )
         self._input_dtype = _INPUT_TYPES[input_type]
         self.input_size: tuple[int, int] = self._choose_input_size(input_size)
-        if session_batch is None and intra_op_threads == 1 and providers == ["CPUExecutionProvider"]:
+        used = self.providers
+        if session_batch is None and intra_op_threads == 1 and used == ["CPUExecutionProvider"]:
             session_batch = 1
         #: most frames per ``session.run`` (``None``: the whole batch); fixed-batch models: their size
         self.session_batch: int | None = self.signature.static_batch or session_batch
-        self._local = threading.local()
+        self.chunk_size = self.session_batch
+        self._threads = intra_op_threads
+        log.info("model %s loaded: %s", self._source, self.info.summary())
         if warmup:
-            height, width = self.input_size
-            self.infer([np.full((height, width, 3), self.metadata.pad_value, np.uint8)])
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        """Class names in class-id order."""
-        return self.metadata.class_names
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes C."""
-        return self.metadata.num_classes
+            self._warmup()
 
     @property
     def input_name(self) -> str:
@@ -180,19 +226,32 @@ class OnnxSegmentationModel:
         return self.signature.input_name
 
     @property
-    def dynamic_batch(self) -> bool:
-        """Whether a whole batch goes through one ``session.run``."""
-        return self.signature.dynamic_batch
-
-    @property
     def providers(self) -> list[str]:
         """The execution providers the session actually uses."""
-        return list(self._session.get_providers())
+        return list(self._live_session().get_providers())
+
+    @property
+    def requested_providers(self) -> tuple[str, ...]:
+        """The execution providers asked for, in order of preference."""
+        return self._requested
 
     @property
     def session_options(self) -> ort.SessionOptions:
         """The options the session was created with (thread counts, optimisation level)."""
-        return self._session.get_session_options()
+        return self._live_session().get_session_options()
+
+    @property
+    def info(self) -> BackendInfo:
+        """Engine, precision, requested and used providers."""
+        quantized = self.metadata.quantization is not None
+        return BackendInfo(
+            backend=self.backend_name,
+            precision="int8" if quantized else _PRECISION[self._input_dtype],
+            requested=self._requested,
+            used=tuple(self.providers),
+            weights=self.weights_path.name,
+            details={"intra_op_threads": self._threads, "session_batch": self.session_batch or "batch"},
+        )
 
     def infer(self, images: Sequence[np.ndarray]) -> list[RawSegmentation]:
         """Run the model on a batch of BGR frames of any sizes.
@@ -207,74 +266,31 @@ class OnnxSegmentationModel:
             ValueError: a frame is not an ``(H, W, 3)`` uint8 array.
             ModelError: ONNX Runtime failed, or the outputs do not have the expected layout.
         """
-        if not images:
-            return []
-        # a fixed-batch model always runs its own size (the last chunk padded)
-        capacity = self.signature.static_batch or min(self.session_batch or len(images), len(images))
-        buffer = self._buffer(capacity)
-        results: list[RawSegmentation] = []
-        for start in range(0, len(images), capacity):
-            chunk = images[start : start + capacity]
-            batch, infos = letterbox_batch(chunk, self.input_size, self.metadata.pad_value, out=buffer)
-            if self.signature.static_batch is not None and len(chunk) < capacity:
-                buffer[len(chunk) :] = np.float32(self.metadata.pad_value) / np.float32(255.0)
-                batch = buffer
-            predictions, prototypes = self._run(batch)
-            results.extend(
-                RawSegmentation(predictions[i], prototypes[i], info) for i, info in enumerate(infos)
-            )
-        return results
+        return super().infer(images)
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         feed = batch if self._input_dtype is np.float32 else batch.astype(self._input_dtype)
         outputs = self.signature.output_names
         names = [outputs[self._pred_index], outputs[self._proto_index]]
         try:
-            predictions, prototypes = self._session.run(names, {self.input_name: feed})
+            predictions, prototypes = self._live_session().run(names, {self.input_name: feed})
         except ORT_ERRORS as exc:
             raise ModelError(f"{self._source}: inference failed: {exc}", model_id=self.model_id) from exc
-        try:
-            check_outputs(
-                predictions,
-                prototypes,
-                batch=batch.shape[0],
-                num_classes=self.num_classes,
-                source=self._source,
-            )
-        except ModelError as exc:
-            exc.model_id = self.model_id
-            raise
-        return (
-            np.asarray(predictions, dtype=np.float32),
-            np.asarray(prototypes, dtype=np.float32),
-        )
+        return predictions, prototypes
 
-    def _buffer(self, capacity: int) -> np.ndarray:
-        buffer: np.ndarray | None = getattr(self._local, "buffer", None)
-        if buffer is None or buffer.shape[0] < capacity:
-            height, width = self.input_size
-            buffer = np.empty((capacity, 3, height, width), np.float32)
-            self._local.buffer = buffer
-        return buffer
+    def _live_session(self) -> ort.InferenceSession:
+        if self._session is None:
+            raise ModelError(f"{self._source}: the model was closed", model_id=self.model_id)
+        return self._session
 
-    def _choose_input_size(self, requested: tuple[int, int] | None) -> tuple[int, int]:
-        native = self.metadata.input_size
-        if requested is None:
-            return native
-        height, width = (int(v) for v in requested)
-        stride = self.metadata.stride
-        if height <= 0 or width <= 0 or height % stride or width % stride:
-            raise ValueError(f"input_size must be positive multiples of stride {stride}, got {requested}")
-        if (height, width) != native and not self.metadata.dynamic_input:
-            raise ModelError(
-                f"{self._source}: input size is fixed at {list(native)} (no dynamic spatial axes), "
-                f"cannot run at {[height, width]}",
-                model_id=self.model_id,
-            )
-        return height, width
+    def close(self) -> None:
+        """Drop the session (ONNX Runtime frees it when the last reference goes)."""
+        super().close()
+        self._session = None
 
     def __repr__(self) -> str:
+        providers = self.providers if self._session is not None else "closed"
         return (
             f"OnnxSegmentationModel({self._source!r}, classes={self.num_classes}, "
-            f"input_size={self.input_size}, providers={self.providers})"
+            f"input_size={self.input_size}, providers={providers})"
         )

@@ -3,8 +3,15 @@
 A model package is a folder::
 
     <models_dir>/<project>/<version>/
-        weights.onnx      YOLOv8/YOLO11-seg layout ONNX model (see below)
+        weights.onnx      YOLOv8/YOLO11-seg layout ONNX model (see below); any other name works when
+                          it is the folder's only .onnx file (an Ultralytics export as exported)
+        weights.xml/.bin  OpenVINO IR of the same model (optional; the only weights of an INT8
+                          package made by ``segstream quantize``; only the openvino backend reads it)
         metadata.json     optional when the ONNX file carries Ultralytics metadata_props
+
+An Ultralytics OpenVINO export folder (``<name>_openvino_model/`` with one ``<name>.xml``, its
+``.bin`` and ``metadata.yaml``) is a package too: ``metadata.yaml`` gives what ``metadata_props``
+give an ONNX export.
 
 ``metadata.json`` schema (``schema_version`` 1; every field optional, unknown fields rejected)::
 
@@ -21,7 +28,8 @@ A model package is a folder::
         "per_class_confidence": {"bolt": 0.6}  # keys must be class names
       },
       "provenance": {"trained_by": "...", "dataset": "...", "epochs": 50},  # free-form
-      "metrics": {"mask_map50": 0.91}          # free-form evaluation results
+      "metrics": {"mask_map50": 0.91},         # free-form evaluation results
+      "quantization": {...}                    # INT8 packages: how made, accuracy vs the float model
     }
 
 An Ultralytics ONNX export carries its metadata in the file's ``metadata_props``: ``names`` (a
@@ -42,24 +50,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import onnxruntime as ort
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.errors import ModelError
+from worker.models.letterbox import PAD_VALUE
 from worker.models.signature import (
     NUM_MASK_COEFFICIENTS,
-    ORT_ERRORS,
     ModelSignature,
     check_layout,
-    check_outputs,
-    read_signature,
+    read_ir_signature,
+    read_onnx_signature,
 )
 
 __all__ = [
     "DEFAULT_PAD_VALUE",
     "DEFAULT_STRIDE",
+    "IR_WEIGHTS_FILE",
     "METADATA_FILE",
+    "ULTRALYTICS_METADATA_FILE",
     "WEIGHTS_FILE",
     "ModelMetadata",
     "ModelPackage",
@@ -70,13 +79,16 @@ __all__ = [
     "locate_package",
     "parse_ultralytics_metadata",
     "read_metadata_file",
+    "read_package_signature",
 ]
 
 _DESCRIPTIVE_PROPS = ("author", "date", "version", "license", "description", "docs")
 
 WEIGHTS_FILE = "weights.onnx"
+IR_WEIGHTS_FILE = "weights.xml"
 METADATA_FILE = "metadata.json"
-DEFAULT_PAD_VALUE = 114
+ULTRALYTICS_METADATA_FILE = "metadata.yaml"
+DEFAULT_PAD_VALUE = PAD_VALUE
 DEFAULT_STRIDE = 32
 
 
@@ -110,6 +122,8 @@ class ModelMetadata(BaseModel):
         dynamic_input: whether the ONNX input has dynamic spatial axes (other input sizes allowed).
         provenance: free-form description of how the model was made.
         metrics: free-form evaluation results (e.g. mAP on a held-out set).
+        quantization: how an INT8 package was made from its float model and what it measured
+            (written by ``segstream quantize``); None for a float model.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -123,6 +137,7 @@ class ModelMetadata(BaseModel):
     dynamic_input: bool = False
     provenance: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
 
     @field_validator("class_names")
     @classmethod
@@ -173,6 +188,7 @@ class PackageMetadataFile(BaseModel):
     recommended_parameters: RecommendedParameters | None = None
     provenance: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,40 +196,143 @@ class ModelPackage:
     """Where a model's files are.
 
     Attributes:
-        weights_path: the ONNX file.
+        onnx_path: the ONNX file, or None (an OpenVINO-only package).
+        ir_path: the OpenVINO IR ``.xml`` (its ``.bin`` beside it), or None.
         metadata_path: the package's ``metadata.json``, or None when there is none.
-        root: the package folder, or None when a bare ``.onnx`` file was given.
+        ultralytics_metadata_path: an Ultralytics OpenVINO export's ``metadata.yaml``, or None.
+        root: the package folder, or None when a bare file was given.
     """
 
-    weights_path: Path
+    onnx_path: Path | None
+    ir_path: Path | None
     metadata_path: Path | None
     root: Path | None
+    ultralytics_metadata_path: Path | None = None
+
+    @property
+    def weights_path(self) -> Path:
+        """The ONNX file when there is one, else the IR ``.xml``."""
+        path = self.onnx_path or self.ir_path
+        assert path is not None  # locate_package never builds a package without weights
+        return path
+
+    @property
+    def weights_files(self) -> tuple[Path, ...]:
+        """Every weights file present (ONNX first)."""
+        return tuple(p for p in (self.onnx_path, self.ir_path) if p is not None)
+
+    def require_onnx(self, backend: str) -> Path:
+        """The ONNX file, or an error saying which backend can read this package instead.
+
+        Raises:
+            ModelError: the package holds only an OpenVINO IR.
+        """
+        if self.onnx_path is None:
+            raise ModelError(
+                f"model package {self.root or self.ir_path} has no {WEIGHTS_FILE}, only the OpenVINO IR "
+                f"{self.ir_path.name if self.ir_path else '?'}: {backend} cannot read it; use "
+                "model.backend: openvino"
+            )
+        return self.onnx_path
 
 
 def locate_package(path: str | Path) -> ModelPackage:
-    """Find a model's files: a package folder or a bare ``.onnx`` file.
+    """Find a model's files: a package folder, an Ultralytics OpenVINO export, a bare ``.onnx``/``.xml``.
 
     Args:
-        path: a folder holding ``weights.onnx`` (and usually ``metadata.json``), or an ``.onnx`` file.
+        path: a folder holding ``weights.onnx`` and/or ``weights.xml`` (and usually ``metadata.json``),
+            an Ultralytics ``*_openvino_model`` folder, or an ``.onnx`` / ``.xml`` file.
 
     Returns:
         The package's paths.
 
     Raises:
-        ModelError: the path does not exist, or the folder has no ``weights.onnx``.
+        ModelError: the path does not exist, or the folder has no weights.
     """
     path = Path(path)
     if path.is_dir():
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise ModelError(f"model package {path} has no {WEIGHTS_FILE}")
+        onnx_file = path / WEIGHTS_FILE
+        if not onnx_file.is_file():  # an export as the user has it: one .onnx file of any name
+            candidates = sorted(p for p in path.glob("*.onnx") if p.is_file())
+            if len(candidates) > 1:
+                raise ModelError(
+                    f"model package {path} has several ONNX files {[c.name for c in candidates]}; keep one "
+                    f"(or name the one to use {WEIGHTS_FILE})"
+                )
+            onnx_file = candidates[0] if candidates else onnx_file
+        ir_file = path / IR_WEIGHTS_FILE
+        yaml_file = path / ULTRALYTICS_METADATA_FILE
+        if not ir_file.is_file() and yaml_file.is_file():
+            candidates = sorted(path.glob("*.xml"))
+            if len(candidates) > 1:
+                raise ModelError(f"model package {path} has several OpenVINO IR files: {candidates}")
+            ir_file = candidates[0] if candidates else ir_file
+        onnx_found = onnx_file if onnx_file.is_file() else None
+        ir_found = ir_file if ir_file.is_file() and ir_file.with_suffix(".bin").is_file() else None
+        if onnx_found is None and ir_found is None:
+            raise ModelError(
+                f"model package {path} has no {WEIGHTS_FILE} (nor an OpenVINO {IR_WEIGHTS_FILE})"
+            )
         metadata = path / METADATA_FILE
-        return ModelPackage(weights, metadata if metadata.is_file() else None, path)
+        return ModelPackage(
+            onnx_found,
+            ir_found,
+            metadata if metadata.is_file() else None,
+            path,
+            yaml_file if yaml_file.is_file() else None,
+        )
     if path.is_file():
-        if path.suffix.lower() != ".onnx":
-            raise ModelError(f"{path} is neither a model package folder nor an .onnx file")
-        return ModelPackage(path, None, None)
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            return ModelPackage(path, None, None, None)
+        if suffix == ".xml":
+            if not path.with_suffix(".bin").is_file():
+                raise ModelError(f"OpenVINO IR {path} has no {path.with_suffix('.bin').name} beside it")
+            yaml_file = path.parent / ULTRALYTICS_METADATA_FILE
+            return ModelPackage(None, path, None, None, yaml_file if yaml_file.is_file() else None)
+        raise ModelError(f"{path} is neither a model package folder nor an .onnx / OpenVINO .xml file")
     raise ModelError(f"model package {path} does not exist")
+
+
+def read_ultralytics_yaml(path: Path) -> dict[str, str]:
+    """An Ultralytics export's ``metadata.yaml`` as ``metadata_props``-like strings.
+
+    Raises:
+        ModelError: the file cannot be read or is not a YAML mapping.
+    """
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ModelError(f"{path} must hold a mapping, got {type(doc).__name__}")
+    return {str(k): v if isinstance(v, str) else repr(v) for k, v in doc.items()}
+
+
+def read_package_signature(package: ModelPackage, *, prefer_ir: bool = False) -> ModelSignature:
+    """The graph's interface, read from the file without building an inference session.
+
+    ONNX files are parsed with the ``onnx`` package (weights stored outside the file are not read);
+    an IR is read with OpenVINO's ``read_model`` (parsed, never compiled). An Ultralytics
+    ``metadata.yaml`` supplies the ``metadata_props`` of an IR.
+
+    Raises:
+        ModelError: the file cannot be parsed, or it does not have exactly one input.
+    """
+    if package.ir_path is not None and (prefer_ir or package.onnx_path is None):
+        signature = read_ir_signature(package.ir_path)
+    else:
+        signature = read_onnx_signature(package.weights_path)
+    if package.ultralytics_metadata_path is not None:
+        props = {**read_ultralytics_yaml(package.ultralytics_metadata_path), **signature.metadata_props}
+        signature = ModelSignature(
+            signature.input_name,
+            signature.input_shape,
+            signature.output_names,
+            signature.output_shapes,
+            props,
+        )
+    return signature
 
 
 def read_metadata_file(path: Path) -> dict[str, Any]:
@@ -353,46 +472,26 @@ def build_metadata(
 
 
 def load_model_metadata(path: str | Path) -> ModelMetadata:
-    """Read a model's metadata without preparing it for inference (no graph optimisation).
+    """Read a model's metadata without creating an inference session.
 
-    The layout is checked on the graph and, for the dimensions the graph leaves dynamic (a
-    PyTorch export's channel axis often is), on one small padding-only run.
+    ``metadata.json`` (or ``metadata_props`` / ``metadata.yaml``) and the graph's declared shapes
+    are read and the layout is checked on them. Dimensions the graph leaves dynamic (a PyTorch
+    export's channel axis often is) are checked when a backend loads the model (its warm-up run)
+    and on every run.
 
     Args:
-        path: a package folder or an ``.onnx`` file.
+        path: a package folder, an ``.onnx`` file or an OpenVINO ``.xml``.
 
     Returns:
-        The model's metadata (layout checked).
+        The model's metadata (declared layout checked).
 
     Raises:
-        ModelError: missing files, unreadable ONNX, bad metadata or a layout mismatch.
+        ModelError: missing files, unreadable weights, bad metadata or a layout mismatch.
     """
     package = locate_package(path)
     file_fields = read_metadata_file(package.metadata_path) if package.metadata_path else None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(
-            str(package.weights_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    except ORT_ERRORS as exc:
-        raise ModelError(f"cannot load ONNX model {package.weights_path}: {exc}") from exc
-    signature = read_signature(session)
-    metadata = build_metadata(signature, file_fields, source=str(path))
-    height, width = (metadata.stride, metadata.stride) if metadata.dynamic_input else metadata.input_size
-    batch = signature.static_batch or 1
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
-    probe = np.full((batch, 3, height, width), metadata.pad_value / 255.0, dtype)
-    pred_index, proto_index = check_layout(signature, metadata.num_classes)
-    names = [signature.output_names[pred_index], signature.output_names[proto_index]]
-    try:
-        predictions, prototypes = session.run(names, {signature.input_name: probe})
-    except ORT_ERRORS as exc:
-        raise ModelError(f"{path}: the model fails on a padding-only input: {exc}") from exc
-    check_outputs(predictions, prototypes, batch=batch, num_classes=metadata.num_classes, source=str(path))
-    return metadata
+    signature = read_package_signature(package)
+    return build_metadata(signature, file_fields, source=str(path))
 
 
 def _literal(props: Mapping[str, str], key: str) -> Any:

@@ -9,32 +9,109 @@ Ids can come from MQTT messages, so they are checked strictly before they touch 
 exactly one ``/``, each part 1..100 characters of ``A-Z a-z 0-9 . _ -`` starting with a letter or
 digit (so no ``..``, no absolute paths, no hidden folders). A path to an ``.onnx`` file is not an id;
 the CLI can load a package folder directly with :meth:`ModelRegistry.load_path`.
+
+Which engine loads a model is the pipeline's ``model.backend``: :data:`BACKENDS` maps each name to its
+settings class (``worker.models.config``) and the function that builds a
+:class:`~worker.models.backend.SegmentationBackend` from them (an explicit table, as Frigate keeps its
+``detector_types``). A backend's engine package is imported only when that backend is used.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel
 
 from worker.errors import ModelError
 from worker.ids import model_id_problem, split_model_id
-from worker.models.onnx_backend import OnnxSegmentationModel
-from worker.models.package import WEIGHTS_FILE
+from worker.models.backend import SegmentationBackend
+from worker.models.config import ModelRuntimeConfig, OnnxRuntimeConfig, OpenVinoConfig
+from worker.models.package import IR_WEIGHTS_FILE, ULTRALYTICS_METADATA_FILE, WEIGHTS_FILE
 
 __all__ = [
+    "BACKENDS",
     "BUNDLED_MODELS_DIR",
     "MODELS_DIR_ENV",
+    "BackendEntry",
     "InvalidModelIdError",
     "ModelRegistry",
     "default_models_dirs",
+    "load_backend",
     "validate_model_id",
 ]
 
 MODELS_DIR_ENV = "SEGSTREAM_MODELS_DIR"
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "bundled_models"
+
+
+def _load_onnxruntime(path: Path, model_id: str | None, config: BaseModel) -> SegmentationBackend:
+    from worker.models.onnx_backend import OnnxSegmentationModel
+
+    assert isinstance(config, OnnxRuntimeConfig)
+    return OnnxSegmentationModel(
+        path,
+        model_id=model_id,
+        intra_op_threads=config.intra_op_threads,
+        inter_op_threads=config.inter_op_threads,
+        providers=[(p.name, p.options) for p in config.providers],
+        allow_fallback=config.allow_fallback,
+        input_size=config.input_size,
+        session_batch=config.session_batch,
+    )
+
+
+def _load_openvino(path: Path, model_id: str | None, config: BaseModel) -> SegmentationBackend:
+    from worker.models.openvino_backend import OpenVinoSegmentationModel
+
+    assert isinstance(config, OpenVinoConfig)
+    return OpenVinoSegmentationModel(
+        path,
+        model_id=model_id,
+        device=config.device,
+        precision=config.precision,
+        threads=config.threads,
+        num_requests=config.num_requests,
+        cache_dir=config.cache_dir,
+        input_size=config.input_size,
+        session_batch=config.session_batch,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEntry:
+    """One backend: its settings class and how a model is loaded with them."""
+
+    config: type[BaseModel]
+    load: Callable[[Path, str | None, BaseModel], SegmentationBackend]
+    description: str
+
+
+#: every backend, by the name ``model.backend`` takes
+BACKENDS: dict[str, BackendEntry] = {
+    "onnxruntime": BackendEntry(
+        OnnxRuntimeConfig, _load_onnxruntime, "ONNX Runtime (CPU, CUDA, TensorRT, OpenVINO EP, ...)"
+    ),
+    "openvino": BackendEntry(OpenVinoConfig, _load_openvino, "OpenVINO runtime (FP32, BF16, INT8)"),
+}
+
+
+def load_backend(
+    path: Path, config: ModelRuntimeConfig | None = None, *, model_id: str | None = None
+) -> SegmentationBackend:
+    """Load the model at ``path`` with the backend ``config`` names (ONNX Runtime by default).
+
+    Raises:
+        ModelError: the backend is unknown, its engine is not installed, or the model cannot load.
+    """
+    config = config if config is not None else OnnxRuntimeConfig()
+    entry = BACKENDS.get(config.backend)
+    if entry is None:  # pragma: no cover - the settings union only has registered names
+        raise ModelError(f"unknown model backend {config.backend!r}; known: {sorted(BACKENDS)}")
+    return entry.load(Path(path), model_id, config)
 
 
 class InvalidModelIdError(ModelError, ValueError):
@@ -87,18 +164,18 @@ def default_models_dirs(cli_dir: Path | None = None) -> list[Path]:
 
 
 class ModelRegistry:
-    """Resolves model ids to packages and loads each model once.
+    """Resolves model ids to packages and loads each model once per backend settings.
 
     Args:
         models_dirs: directories to search, in order (see :func:`default_models_dirs`).
 
-    Loading is thread-safe: concurrent :meth:`load` calls for the same model and options share
-    one :class:`OnnxSegmentationModel`.
+    Loading is thread-safe: concurrent :meth:`load` calls for the same model and settings share
+    one backend object.
     """
 
     def __init__(self, models_dirs: Iterable[Path]) -> None:
         self.models_dirs: tuple[Path, ...] = tuple(Path(d) for d in models_dirs)
-        self._cache: dict[tuple[Path, tuple[tuple[str, Any], ...]], OnnxSegmentationModel] = {}
+        self._cache: dict[tuple[Path, str], SegmentationBackend] = {}
         self._lock = threading.Lock()
 
     def resolve(self, model_id: str) -> Path:
@@ -120,67 +197,80 @@ class ModelRegistry:
             model_id=model_id,
         )
 
-    def available_ids(self) -> list[str]:
-        """Ids of the packages (folders with ``weights.onnx``) in all models directories, sorted."""
-        found: set[str] = set()
+    def available(self) -> list[tuple[str, Path]]:
+        """``(id, folder)`` of every package in the models directories (the first one of an id wins).
+
+        A package folder holds ``weights.onnx``, an OpenVINO ``weights.xml``, or an Ultralytics
+        OpenVINO export (``metadata.yaml`` beside an ``.xml``).
+        """
+        found: dict[str, Path] = {}
         for models_dir in self.models_dirs:
             if not models_dir.is_dir():
                 continue
-            for weights in models_dir.glob(f"*/*/{WEIGHTS_FILE}"):
-                model_id = f"{weights.parent.parent.name}/{weights.parent.name}"
+            for version in sorted(models_dir.glob("*/*")):
+                if not version.is_dir() or not _is_package(version):
+                    continue
+                model_id = f"{version.parent.name}/{version.name}"
                 try:
                     validate_model_id(model_id)
                 except InvalidModelIdError:
                     continue
-                found.add(model_id)
-        return sorted(found)
+                found.setdefault(model_id, version)
+        return sorted(found.items())
 
-    def load(self, model_id: str, **backend_options: Any) -> OnnxSegmentationModel:
-        """Load a model by id (cached: the same id and options give the same object).
+    def available_ids(self) -> list[str]:
+        """Ids of the packages in all models directories, sorted."""
+        return [model_id for model_id, _ in self.available()]
+
+    def load(self, model_id: str, config: ModelRuntimeConfig | None = None) -> SegmentationBackend:
+        """Load a model by id (cached: the same id and settings give the same object).
 
         Args:
             model_id: ``"project/version"``.
-            **backend_options: keyword arguments of :class:`OnnxSegmentationModel`
-                (``intra_op_threads``, ``inter_op_threads``, ``providers``, ``input_size``...).
+            config: the pipeline's ``model`` section (default: ONNX Runtime with its defaults).
 
         Raises:
             InvalidModelIdError: a bad id.
             ModelError: the model cannot be found or loaded.
         """
-        return self._load(self.resolve(model_id), model_id, backend_options)
+        return self._load(self.resolve(model_id), model_id, config)
 
-    def load_path(self, package_path: Path, **backend_options: Any) -> OnnxSegmentationModel:
-        """Load a model from a package folder (or ``.onnx`` file) given directly, e.g. on the CLI.
+    def load_path(self, package_path: Path, config: ModelRuntimeConfig | None = None) -> SegmentationBackend:
+        """Load a model from a package folder (or weights file) given directly, e.g. on the CLI.
 
         Raises:
             ModelError: the model cannot be found or loaded.
         """
-        path = Path(package_path)
-        return self._load(path, None, backend_options)
+        return self._load(Path(package_path), None, config)
 
     def _load(
-        self, path: Path, model_id: str | None, backend_options: dict[str, Any]
-    ) -> OnnxSegmentationModel:
-        key = (path.resolve(), _freeze(backend_options))
+        self, path: Path, model_id: str | None, config: ModelRuntimeConfig | None
+    ) -> SegmentationBackend:
+        config = config if config is not None else OnnxRuntimeConfig()
+        key = (path.resolve(), config.model_dump_json(exclude={"models_dir"}))
         with self._lock:
             model = self._cache.get(key)
             if model is None:
-                model = OnnxSegmentationModel(path, model_id=model_id, **backend_options)
+                model = load_backend(path, config, model_id=model_id)
                 self._cache[key] = model
             return model
 
-    def loaded(self) -> list[OnnxSegmentationModel]:
+    def loaded(self) -> list[SegmentationBackend]:
         """The models loaded so far."""
         with self._lock:
             return list(self._cache.values())
 
+    def close(self) -> None:
+        """Close every loaded model and forget them."""
+        with self._lock:
+            models, self._cache = list(self._cache.values()), {}
+        for model in models:
+            model.close()
 
-def _freeze(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    def frozen(value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            return tuple(frozen(v) for v in value)
-        if isinstance(value, dict):
-            return tuple(sorted((k, frozen(v)) for k, v in value.items()))
-        return value
 
-    return tuple(sorted((name, frozen(value)) for name, value in options.items()))
+def _is_package(folder: Path) -> bool:
+    if (folder / WEIGHTS_FILE).is_file() or (folder / IR_WEIGHTS_FILE).is_file():
+        return True
+    if any(p.is_file() for p in folder.glob("*.onnx")):
+        return True
+    return (folder / ULTRALYTICS_METADATA_FILE).is_file() and any(folder.glob("*.xml"))

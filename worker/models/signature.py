@@ -1,9 +1,16 @@
-"""The ONNX graph's interface (inputs, outputs, metadata_props) and the YOLOv8-seg layout check."""
+"""The graph's interface (inputs, outputs, metadata_props) and the YOLOv8-seg layout check.
+
+The interface is read from an ONNX Runtime session (:func:`read_signature`), from the ONNX file
+itself without any session (:func:`read_onnx_signature`, with the ``onnx`` package: a parse of the
+protobuf, weights stored outside the file left unread), or from an OpenVINO model
+(:func:`read_ir_signature` / :func:`signature_of_openvino_model`, parsed, not compiled).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
@@ -18,7 +25,10 @@ __all__ = [
     "ModelSignature",
     "check_layout",
     "check_outputs",
+    "read_ir_signature",
+    "read_onnx_signature",
     "read_signature",
+    "signature_of_openvino_model",
 ]
 
 NUM_MASK_COEFFICIENTS = 32
@@ -125,6 +135,93 @@ def read_signature(session: ort.InferenceSession) -> ModelSignature:
         output_shapes=tuple(_as_dims(o.shape) for o in outputs),
         metadata_props=dict(session.get_modelmeta().custom_metadata_map),
     )
+
+
+def read_onnx_signature(path: str | Path) -> ModelSignature:
+    """Read an ONNX file's interface and ``metadata_props`` without creating an inference session.
+
+    Raises:
+        ModelError: the file cannot be parsed as an ONNX model, or it has not exactly one input.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except (OSError, DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load ONNX model {path}: {exc}") from exc
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(f"model must have exactly one input, got {[i.name for i in inputs]}")
+
+    def dims(value: Any) -> tuple[Dim, ...]:
+        shape = value.type.tensor_type.shape
+        out: list[Dim] = []
+        for d in shape.dim:
+            if d.HasField("dim_value"):
+                out.append(int(d.dim_value))
+            else:
+                out.append(d.dim_param or None)
+        return tuple(out)
+
+    return ModelSignature(
+        input_name=inputs[0].name,
+        input_shape=dims(inputs[0]),
+        output_names=tuple(o.name for o in proto.graph.output),
+        output_shapes=tuple(dims(o) for o in proto.graph.output),
+        metadata_props={p.key: p.value for p in proto.metadata_props},
+    )
+
+
+def signature_of_openvino_model(model: Any) -> ModelSignature:
+    """The interface of an ``openvino.Model`` (dynamic dimensions as None; no metadata_props).
+
+    Raises:
+        ModelError: the model has not exactly one input.
+    """
+    if len(model.inputs) != 1:
+        raise ModelError(f"model must have exactly one input, got {[i.get_any_name() for i in model.inputs]}")
+
+    def dims(port: Any) -> tuple[Dim, ...]:
+        shape = port.get_partial_shape()
+        if shape.rank.is_dynamic:
+            return ()
+        return tuple(int(d.get_length()) if d.is_static else None for d in shape)
+
+    def name(port: Any, index: int) -> str:
+        try:
+            return str(port.get_any_name())
+        except RuntimeError:  # an unnamed port
+            return f"output{index}"
+
+    return ModelSignature(
+        input_name=name(model.inputs[0], 0),
+        input_shape=dims(model.inputs[0]),
+        output_names=tuple(name(o, i) for i, o in enumerate(model.outputs)),
+        output_shapes=tuple(dims(o) for o in model.outputs),
+        metadata_props={},
+    )
+
+
+def read_ir_signature(path: str | Path) -> ModelSignature:
+    """Read an OpenVINO IR's interface (``read_model``: parsed, never compiled).
+
+    Raises:
+        ModelError: OpenVINO is not installed, or the IR cannot be read.
+    """
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ModelError(
+            f"{path} is an OpenVINO IR; reading it needs the openvino package (pip install "
+            "'segstream[openvino]')"
+        ) from exc
+    try:
+        model = ov.Core().read_model(str(path))
+    except RuntimeError as exc:
+        raise ModelError(f"cannot load OpenVINO model {path}: {exc}") from exc
+    return signature_of_openvino_model(model)
 
 
 def check_layout(signature: ModelSignature, num_classes: int) -> tuple[int, int]:

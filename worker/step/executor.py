@@ -26,7 +26,8 @@ import numpy as np
 
 from worker.errors import ConfigError, ModelError, ParameterError, SegstreamError, StepError
 from worker.frame import Frame
-from worker.models.onnx_backend import OnnxSegmentationModel, RawSegmentation
+from worker.models.backend import RawSegmentation, SegmentationBackend
+from worker.models.config import ModelRuntimeConfig
 from worker.models.registry import ModelRegistry
 from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
@@ -70,7 +71,7 @@ class BatchResult:
     postprocess_seconds: float
 
 
-def class_thresholds(params: ResolvedStepParameters, model: OnnxSegmentationModel) -> np.ndarray:
+def class_thresholds(params: ResolvedStepParameters, model: SegmentationBackend) -> np.ndarray:
     """The per-class confidence thresholds, float32 ``(C,)``, for a step's confidence mode.
 
     ``custom``/``default`` give the resolved value for every class. ``best`` takes the model's
@@ -95,7 +96,9 @@ class WorkflowRunner:
     Args:
         workflow: the validated definition.
         registry: where models are found.
-        backend_options: keyword arguments for the ONNX backend (thread counts, input size).
+        model_config: the pipeline's ``model`` section: which backend loads the models, and how
+            (default: ONNX Runtime with its defaults). The runner sees models only through the
+            ``SegmentationBackend`` protocol.
         id_factory: makes inference and detection ids (uuid4 strings by default).
 
     Raises:
@@ -108,17 +111,17 @@ class WorkflowRunner:
         workflow: WorkflowDefinition,
         registry: ModelRegistry,
         *,
-        backend_options: Mapping[str, Any] | None = None,
+        model_config: ModelRuntimeConfig | None = None,
         id_factory: Callable[[], str] | None = None,
     ) -> None:
         self.workflow = workflow
         self._registry = registry
-        self._backend_options = dict(backend_options or {})
+        self._model_config = model_config
         self._new_id = id_factory or (lambda: str(uuid.uuid4()))
         self._steps: tuple[InstanceSegmentationStep, ...] = tuple(workflow.steps)
         self._defaults: dict[str, Any] = dict(workflow.parameter_defaults)
         self._defaults_lock = threading.Lock()
-        self._models: dict[str, OnnxSegmentationModel] = {}
+        self._models: dict[str, SegmentationBackend] = {}
         self._params_cache: dict[tuple[ResolvedStepParameters, str], PostprocessParams] = {}
         self._outputs = [(out.name, out.step_name, out.step_output) for out in workflow.outputs]
         for step in self._steps:
@@ -136,10 +139,10 @@ class WorkflowRunner:
         default = self._defaults.get(input_name)
         return [default] if isinstance(default, str) else []
 
-    def _load(self, model_id: str, step: InstanceSegmentationStep) -> OnnxSegmentationModel:
+    def _load(self, model_id: str, step: InstanceSegmentationStep) -> SegmentationBackend:
         if model_id not in self._models:
             try:
-                self._models[model_id] = self._registry.load(model_id, **self._backend_options)
+                self._models[model_id] = self._registry.load(model_id, self._model_config)
             except ModelError as exc:
                 raise ModelError(f"step {step.name!r}: field 'model_id': {exc}", model_id=model_id) from exc
         return self._models[model_id]
@@ -157,7 +160,7 @@ class WorkflowRunner:
                 raise ConfigError(str(exc), step=step.name, field="class_filter") from None
 
     @property
-    def models(self) -> dict[str, OnnxSegmentationModel]:
+    def models(self) -> dict[str, SegmentationBackend]:
         """The loaded models by id."""
         return dict(self._models)
 
@@ -188,7 +191,7 @@ class WorkflowRunner:
 
     # ----------------------------------------------------------------------------- per frame
 
-    def _model_for(self, params: ResolvedStepParameters) -> OnnxSegmentationModel:
+    def _model_for(self, params: ResolvedStepParameters) -> SegmentationBackend:
         model = self._models.get(params.model_id)
         if model is None:
             loaded = ", ".join(sorted(self._models)) or "none"
@@ -201,7 +204,7 @@ class WorkflowRunner:
         return model
 
     @staticmethod
-    def _class_ids(params: ResolvedStepParameters, model: OnnxSegmentationModel) -> np.ndarray | None:
+    def _class_ids(params: ResolvedStepParameters, model: SegmentationBackend) -> np.ndarray | None:
         if params.class_filter is None:
             return None
         names = model.class_names
@@ -216,7 +219,7 @@ class WorkflowRunner:
         return np.array([names.index(name) for name in params.class_filter], dtype=np.int64)
 
     def _postprocess_params(
-        self, params: ResolvedStepParameters, model: OnnxSegmentationModel
+        self, params: ResolvedStepParameters, model: SegmentationBackend
     ) -> PostprocessParams:
         key = (params, params.model_id)
         cached = self._params_cache.get(key)
@@ -266,7 +269,7 @@ class WorkflowRunner:
         post_seconds = 0.0
         raw_cache: dict[tuple[str, int], RawSegmentation | SegstreamError] = {}
         for step in self._steps:
-            resolved: dict[int, tuple[ResolvedStepParameters, OnnxSegmentationModel, PostprocessParams]] = {}
+            resolved: dict[int, tuple[ResolvedStepParameters, SegmentationBackend, PostprocessParams]] = {}
             for i, outcome in enumerate(outcomes):
                 if outcome.error is not None:
                     continue
@@ -327,7 +330,7 @@ class WorkflowRunner:
         return BatchResult(outcomes, model_seconds, post_seconds)
 
     def _infer(
-        self, model: OnnxSegmentationModel, frames: Sequence[Frame]
+        self, model: SegmentationBackend, frames: Sequence[Frame]
     ) -> list[RawSegmentation | SegstreamError]:
         """The batch in one run; if that fails, frame by frame so one bad frame fails alone."""
         try:
@@ -351,7 +354,7 @@ class WorkflowRunner:
         return outputs
 
 
-def _inference_error(exc: Exception, model: OnnxSegmentationModel) -> ModelError:
+def _inference_error(exc: Exception, model: SegmentationBackend) -> ModelError:
     error = exc if isinstance(exc, ModelError) else ModelError(f"inference failed: {exc}")
     error.model_id = model.model_id
     error.reason = "inference_error"

@@ -45,6 +45,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from worker.models.letterbox import map_boxes_to_frame
 from worker.step.defaults import MASK_DECODE_MODES, STEP_DEFAULTS, MaskDecodeMode
 from worker.step.detections import Detections, MaskCrops
 
@@ -210,28 +211,6 @@ def nms(
             suppress &= cls[rest] == cls[i]
         rest = rest[~suppress]
     return order[np.asarray(keep, dtype=np.intp)]
-
-
-def map_boxes_to_frame(xyxy_input: npt.NDArray[np.floating], letterbox: LetterboxLike) -> FloatArray:
-    """Boxes from input pixels to frame pixels: remove padding, divide by scale, clip to the frame.
-
-    Args:
-        xyxy_input: ``(N, 4)`` boxes in model-input pixels. Not modified.
-        letterbox: the frame's letterbox geometry.
-
-    Returns:
-        float32 ``(N, 4)`` boxes, x in ``[0, W]``, y in ``[0, H]``.
-
-    Example:
-        1280x720 frame in 640x640 (scale 0.5, pad_y 140): ``[10, 150, 110, 250]`` -> ``[20, 20, 220, 220]``.
-    """
-    boxes = np.asarray(xyxy_input, dtype=np.float64)
-    pad = np.array([letterbox.pad_x, letterbox.pad_y] * 2, dtype=np.float64)
-    out = (boxes - pad) / float(letterbox.scale)
-    height, width = letterbox.orig_size
-    np.clip(out[:, 0::2], 0.0, width, out=out[:, 0::2])
-    np.clip(out[:, 1::2], 0.0, height, out=out[:, 1::2])
-    return out.astype(np.float32)
 
 
 def _crop_range(lo: float, hi: float, size: int) -> tuple[int, int]:
