@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from worker.active_learning.config import ActiveLearningConfig
 from worker.documents import config_error, read_document
 from worker.errors import ConfigError
 from worker.models.config import ModelRuntimeConfig, OnnxRuntimeConfig
@@ -174,6 +175,7 @@ class PipelineConfig(_Strict):
         description="threads of numpy's/OpenCV's BLAS (the worker parallelises across batches)",
     )
     annotated_video: AnnotatedVideoConfig | None = None
+    active_learning: ActiveLearningConfig | None = None
     print_summary: bool = Field(True, description="print frames, detections per class and fps at the end")
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -79,6 +79,7 @@ class HealthState:
     last_batcher_progress: float = math.nan
     batcher_idle: bool = True
     loop_lag_s: float = 0.0
+    details: dict[str, Callable[[], Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.stale_after_s <= 0:
@@ -116,6 +117,10 @@ class HealthState:
             self.stages_down = self.stages_down - {name}
         else:
             self.stages_down = self.stages_down | {name}
+
+    def set_detail(self, name: str, probe: Callable[[], Any]) -> None:
+        """Add ``probe()`` (JSON-ready) to readiness checks under ``name``; it does not change readiness."""
+        self.details = {**self.details, name: probe}
 
     def begin_shutdown(self) -> None:
         """SIGTERM: readiness turns false at once, before anything else stops."""
@@ -186,6 +191,7 @@ class HealthState:
             "broker_connected": broker_up,
             "sources_attached": sorted(self.sources_attached),
             "stages_down": sorted(stages_down),
+            **{name: probe() for name, probe in self.details.items()},
         }
         return HealthReport(not reasons, checks, tuple(reasons))
 

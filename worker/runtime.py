@@ -25,6 +25,7 @@ from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
 from worker import __version__
+from worker.active_learning import build_sampler
 from worker.batching import Batcher
 from worker.concurrency import BlockingPool, limit_blas_threads
 from worker.config import PipelineConfig, load_pipeline
@@ -172,6 +173,18 @@ class Worker:
         self.recorder = self._build_recorder()
         if self.recorder is not None:
             self.publisher.add_observer(self.recorder, gate=self.recorder.gate)
+        self.active_learning = build_sampler(
+            config.active_learning,
+            workflow.steps,
+            {mid: m.class_names for mid, m in runner.models.items()},
+            runtime_inputs=lambda: runner.runtime_inputs,
+            pipeline=self.name,
+            registry=self.metrics.registry,
+            version=__version__,
+        )
+        if self.active_learning is not None:  # closed by the publisher, after the last result
+            self.publisher.add_observer(self.active_learning)
+            self.health.set_detail("active_learning", self.active_learning.status)
         self.inference = InferenceLoop(
             Batcher(
                 [lane.queue for lane in self._lanes],
