@@ -129,7 +129,7 @@ def scale_crop(
 
     Returns:
         The scaled crop and its offset: pixel ``(i, j)`` of the scaled frame is set when the pixel
-        of the original frame under its centre is set, as ``cv2.resize`` with ``INTER_NEAREST`` of
+        of the original frame under its centre is set, as ``cv2.resize`` with ``INTER_NEAREST_EXACT`` of
         the full-frame mask would do, computed on the crop only.
 
     Example:
