@@ -163,9 +163,15 @@ def test_published_detection_ids_are_kept_when_they_match(tmp_path: Path) -> Non
         }
     }
     other = {"predictions": {"predictions": [{"class_id": 1, "parent_id": "cam1:0", "detection_id": "x"}]}}
-    write(tmp_path, [Sample(**{**_fields(s), "outputs": outputs}), Sample(**{**_fields(sample(1)), "outputs": other})])
+    write(
+        tmp_path,
+        [Sample(**{**_fields(s), "outputs": outputs}), Sample(**{**_fields(sample(1)), "outputs": other})],
+    )
     coco = load(tmp_path)
-    assert [a["attributes"].get("detection_id") for a in coco.loadAnns(coco.getAnnIds(imgIds=1))] == ["d-1", "d-2"]
+    assert [a["attributes"].get("detection_id") for a in coco.loadAnns(coco.getAnnIds(imgIds=1))] == [
+        "d-1",
+        "d-2",
+    ]
     assert all("detection_id" not in a["attributes"] for a in coco.loadAnns(coco.getAnnIds(imgIds=2)))
 
 
@@ -191,7 +197,9 @@ def test_an_unwritable_root_fails_samples_reports_once_per_interval_and_recovers
     root.write_text("a file where the dataset folder should be")
     now = [1000.0]
     outcomes = Outcomes()
-    writer = DatasetWriter(root, on_outcome=outcomes, clock=lambda: now[0], report_interval_s=60, queue_size=8)
+    writer = DatasetWriter(
+        root, on_outcome=outcomes, clock=lambda: now[0], report_interval_s=60, queue_size=8
+    )
     writer.start()
     with caplog.at_level(logging.ERROR, logger="worker.active_learning.dataset"):
         for n in range(3):

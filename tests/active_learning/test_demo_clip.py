@@ -51,8 +51,13 @@ def pipeline(tmp_path: Path) -> dict[str, Any]:
         **doc["active_learning"],
         "root": str(tmp_path / "dataset"),
         "sampling_strategies": [
-            {"name": "unsure", "type": "close_to_threshold", "threshold": THRESHOLD, "epsilon": EPSILON,
-             "probability": 1.0}
+            {
+                "name": "unsure",
+                "type": "close_to_threshold",
+                "threshold": THRESHOLD,
+                "epsilon": EPSILON,
+                "probability": 1.0,
+            }
         ],
         "limits": {"hourly": LIMIT},
         "max_image_size": None,
@@ -104,16 +109,23 @@ async def test_the_demo_clip_with_close_to_threshold_and_a_limit(tmp_path: Path)
             assert ann["attributes"]["detection_id"] == p["detection_id"]
             assert ann["segmentation"] == p["rle_mask"]
             ours = coco.annToMask(ann)
-            theirs = mask_utils.decode({"size": p["rle_mask"]["size"], "counts": p["rle_mask"]["counts"].encode()})
+            theirs = mask_utils.decode(
+                {"size": p["rle_mask"]["size"], "counts": p["rle_mask"]["counts"].encode()}
+            )
             assert np.array_equal(ours, theirs)
             x, y, w, h = ann["bbox"]
-            assert (x + w / 2, y + h / 2, w, h) == pytest.approx((p["x"], p["y"], p["width"], p["height"]), abs=0.06)
+            assert (x + w / 2, y + h / 2, w, h) == pytest.approx(
+                (p["x"], p["y"], p["width"], p["height"]), abs=0.06
+            )
         assert cv2.imread(str(batch / image["file_name"])).shape == (720, 1280, 3)
 
     value = worker.metrics.registry.get_sample_value
     labels = {"dataset": "factory-parts", "strategy": "unsure"}
     assert value("segstream_active_learning_samples_total", {**labels, "outcome": "written"}) == written
-    assert value("segstream_active_learning_samples_total", {**labels, "outcome": "limited"}) == len(matched) - written
+    assert (
+        value("segstream_active_learning_samples_total", {**labels, "outcome": "limited"})
+        == len(matched) - written
+    )
     assert value("segstream_active_learning_samples_total", {**labels, "outcome": "dropped"}) == 0
     detail = worker.health.readiness().checks["active_learning"]
     assert detail["written"] == written and detail["writing"] is True and detail["last_error"] is None

@@ -28,7 +28,12 @@ def take(limiter: WindowLimiter, n: int, limits: dict[str, int], key: str = "par
 @pytest.mark.parametrize(
     ("window", "start", "last_inside", "next_window"),
     [
-        ("minutely", utc(2026, 12, 2, 12, 34, 0), utc(2026, 12, 2, 12, 34, 59) + 0.999, utc(2026, 12, 2, 12, 35)),
+        (
+            "minutely",
+            utc(2026, 12, 2, 12, 34, 0),
+            utc(2026, 12, 2, 12, 34, 59) + 0.999,
+            utc(2026, 12, 2, 12, 35),
+        ),
         ("hourly", utc(2026, 12, 2, 12, 0, 0), utc(2026, 12, 2, 12, 59, 59) + 0.999, utc(2026, 12, 2, 13)),
         ("daily", utc(2026, 12, 2), utc(2026, 12, 2, 23, 59, 59) + 0.999, utc(2026, 12, 3)),
     ],

@@ -21,7 +21,13 @@ from worker.step.manifests import parse_step
 
 T0 = 1796220000.0  # 2026-12-02T14:00:00Z
 BATCH = "al_batch_2026_12_02"  # the default prefix, daily
-UNSURE = {"name": "unsure", "type": "close_to_threshold", "threshold": 0.5, "epsilon": 0.1, "probability": 1.0}
+UNSURE = {
+    "name": "unsure",
+    "type": "close_to_threshold",
+    "threshold": 0.5,
+    "epsilon": 0.1,
+    "probability": 1.0,
+}
 
 
 class Clock:
@@ -50,8 +56,14 @@ def config(root: Path, **fields: Any) -> ActiveLearningConfig:
 
 
 def sampler(
-    root: Path, step_fields: dict[str, Any] | None = None, *, inputs: dict[str, Any] | None = None,
-    clock: Clock | None = None, writer: DatasetWriter | None = None, start: bool = True, **fields: Any,
+    root: Path,
+    step_fields: dict[str, Any] | None = None,
+    *,
+    inputs: dict[str, Any] | None = None,
+    clock: Clock | None = None,
+    writer: DatasetWriter | None = None,
+    start: bool = True,
+    **fields: Any,
 ) -> tuple[ActiveLearningSampler, CollectorRegistry]:
     registry = CollectorRegistry()
     s = ActiveLearningSampler(
@@ -73,15 +85,22 @@ def published(n: int, det: Detections | None = None, **parameters: Any) -> Publi
     if det is None:  # one washer at 0.52: close to the threshold
         det = detections([(2, 3, 20, 30), (50, 10, 90, 60)], [0.52, 0.95], [1, 3], seed=n)
     frame = Frame("cam1", n, T0 + n, frame_image(seed=n), parameters=dict(parameters))
-    result = FrameResult("test", "cam1", n, frame.frame_id, frame.timestamp, "seg", f"inf-{n}", "factory-parts/1", {})
+    result = FrameResult(
+        "test", "cam1", n, frame.frame_id, frame.timestamp, "seg", f"inf-{n}", "factory-parts/1", {}
+    )
     return PublishedFrame(frame, result, det, NAMES, 0.01)
 
 
 def count(registry: CollectorRegistry, dataset: str, strategy: str, outcome: str) -> float:
     value = registry.get_sample_value(
-        "segstream_active_learning_samples_total", {"dataset": dataset, "strategy": strategy, "outcome": outcome}
+        "segstream_active_learning_samples_total",
+        {"dataset": dataset, "strategy": strategy, "outcome": outcome},
     )
     return 0.0 if value is None else value
+
+
+def folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
 
 
 def images(root: Path, dataset: str = "factory-parts", batch: str = BATCH) -> list[dict[str, Any]]:
@@ -111,9 +130,16 @@ async def test_enabled_frames_go_to_the_project_part_of_the_model_id(tmp_path: P
     got = images(tmp_path)
     assert [i["segstream"]["frame_number"] for i in got] == [0, 2]
     assert got[0]["segstream"] == {
-        "pipeline": "test", "source": "cam1", "frame_id": "cam1:0", "frame_number": 0, "capture_time": T0,
-        "strategy": "unsure", "inference_id": "inf-0", "model_id": "factory-parts/1",
-        "original_width": 128, "original_height": 72,
+        "pipeline": "test",
+        "source": "cam1",
+        "frame_id": "cam1:0",
+        "frame_number": 0,
+        "capture_time": T0,
+        "strategy": "unsure",
+        "inference_id": "inf-0",
+        "model_id": "factory-parts/1",
+        "original_width": 128,
+        "original_height": 72,
     }
     assert count(registry, "factory-parts", "unsure", "written") == 2
     assert s.status()["datasets"] == ["factory-parts"] and s.status()["written"] == 2
@@ -131,6 +157,20 @@ async def test_both_fields_follow_input_selectors_per_frame(tmp_path: Path) -> N
     assert [i["segstream"]["frame_number"] for i in images(tmp_path, "line-b")] == [1]
     assert [i["segstream"]["frame_number"] for i in images(tmp_path, "factory-parts")] == [3]
     assert count(registry, "line-b", "unsure", "written") == 1
+
+
+async def test_literal_fields_with_other_selectors_that_only_frames_set(tmp_path: Path) -> None:
+    # confidence_mode is bound to an input without a default: the frames must set it; the literal
+    # active-learning fields still decide once
+    fields = {
+        "disable_active_learning": False,
+        "confidence_mode": "$inputs.mode",
+        "active_learning_target_dataset": "line-c",
+    }
+    s, _ = sampler(tmp_path, fields)
+    s.on_result(published(0, mode="best"))
+    await s.aclose()
+    assert [i["segstream"]["frame_number"] for i in images(tmp_path, "line-c")] == [0]
 
 
 async def test_a_bad_selector_value_skips_the_frame(tmp_path: Path) -> None:
@@ -182,8 +222,10 @@ async def test_a_writer_that_falls_behind_drops_samples_and_gives_their_credit_b
 
 async def test_unsafe_or_surplus_dataset_names_are_refused(tmp_path: Path) -> None:
     s, registry = sampler(
-        tmp_path, {"disable_active_learning": False, "active_learning_target_dataset": "$inputs.ds"},
-        inputs={"ds": "a"}, max_datasets=2,
+        tmp_path,
+        {"disable_active_learning": False, "active_learning_target_dataset": "$inputs.ds"},
+        inputs={"ds": "a"},
+        max_datasets=2,
     )
     for n, ds in enumerate(["a", "../escape", "b", "c", ".hidden", "a"]):
         s.on_result(published(n, ds=ds))
@@ -191,22 +233,31 @@ async def test_unsafe_or_surplus_dataset_names_are_refused(tmp_path: Path) -> No
     assert count(registry, "other", "unsure", "refused") == 3  # ../escape, c (a third name), .hidden
     assert [i["segstream"]["frame_number"] for i in images(tmp_path, "a")] == [0, 5]
     assert len(images(tmp_path, "b")) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert folders(tmp_path) == ["a", "b"]
 
 
 def test_selected_classes_must_exist_in_the_model(tmp_path: Path) -> None:
     strategies = [UNSURE, {**UNSURE, "name": "gears", "selected_class_names": ["gear"]}]
-    with pytest.raises(ConfigError, match=r"'gears'.*\['gear'\] do not exist in the model's training set") as info:
+    with pytest.raises(
+        ConfigError, match=r"'gears'.*\['gear'\] do not exist in the model's training set"
+    ) as info:
         sampler(tmp_path, sampling_strategies=strategies)
     assert info.value.field == "active_learning.sampling_strategies.1.selected_class_names"
 
 
 def test_build_sampler_warns_when_a_step_asks_without_a_section(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        assert build_sampler(
-            None, [step(disable_active_learning=False)], {"factory-parts/1": NAMES},
-            runtime_inputs=dict, pipeline="p", registry=CollectorRegistry(),
-        ) is None
+        assert (
+            build_sampler(
+                None,
+                [step(disable_active_learning=False)],
+                {"factory-parts/1": NAMES},
+                runtime_inputs=dict,
+                pipeline="p",
+                registry=CollectorRegistry(),
+            )
+            is None
+        )
     assert "no samples are collected" in caplog.text
 
 

@@ -59,7 +59,9 @@ CLS = np.array([0, 1, 1, 2, 3], np.int64)
         (0.0, 1.0, None, 5),  # the whole range
     ],
 )
-def test_count_close_to_threshold(threshold: float, epsilon: float, selected: list[int] | None, expected: int) -> None:
+def test_count_close_to_threshold(
+    threshold: float, epsilon: float, selected: list[int] | None, expected: int
+) -> None:
     ids = None if selected is None else np.array(selected, np.int64)
     got = count_close_to_threshold(CONF, CLS, ids, threshold=threshold, epsilon=epsilon)
     assert got == expected
@@ -133,7 +135,9 @@ def test_detections_number_decision(
     ids = None if selected is None else np.array(selected, np.int64)
     draw = (lambda: 0.0) if expected else never_called
     assert (
-        sample_detections_number(CLS, ids, more_than=more_than, less_than=less_than, probability=0.5, draw=draw)
+        sample_detections_number(
+            CLS, ids, more_than=more_than, less_than=less_than, probability=0.5, draw=draw
+        )
         is expected
     )
 
@@ -164,11 +168,24 @@ def test_probability_is_applied_to_matching_frames_only() -> None:
 
 def test_compiled_class_subsets_use_the_model_ids() -> None:
     cfgs = [
-        strategy(type="close_to_threshold", threshold=0.5, epsilon=0.1, probability=1.0, selected_class_names=["bolt"]),
-        {"name": "n", "type": "detections_number_based", "more_than": 0, "probability": 1.0,
-         "selected_class_names": ["bracket", "nut"]},
+        strategy(
+            type="close_to_threshold",
+            threshold=0.5,
+            epsilon=0.1,
+            probability=1.0,
+            selected_class_names=["bolt"],
+        ),
+        {
+            "name": "n",
+            "type": "detections_number_based",
+            "more_than": 0,
+            "probability": 1.0,
+            "selected_class_names": ["bracket", "nut"],
+        },
     ]
-    a, b = compile_strategies([c if not isinstance(c, dict) else _ADAPTER.validate_python(c) for c in cfgs], NAMES)
+    a, b = compile_strategies(
+        [c if not isinstance(c, dict) else _ADAPTER.validate_python(c) for c in cfgs], NAMES
+    )
     assert a.selected_ids is not None and a.selected_ids.tolist() == [2]
     assert b.selected_ids is not None and b.selected_ids.tolist() == [3, 0]
     washer_near = np.array([0.5], np.float32), np.array([1], np.int64)
@@ -182,8 +199,15 @@ def test_compiled_class_subsets_use_the_model_ids() -> None:
 def test_unknown_class_names_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\['gear'\] do not exist in the model's training set"):
         compile_strategies(
-            [strategy(type="close_to_threshold", threshold=0.5, epsilon=0.1, probability=1.0,
-                      selected_class_names=["gear", "nut"])],
+            [
+                strategy(
+                    type="close_to_threshold",
+                    threshold=0.5,
+                    epsilon=0.1,
+                    probability=1.0,
+                    selected_class_names=["gear", "nut"],
+                )
+            ],
             NAMES,
         )
 
@@ -192,20 +216,56 @@ def test_unknown_class_names_are_refused() -> None:
     ("fields", "context"),
     [
         ({"type": "random", "traffic_percentage": 0.1}, nullcontext()),
-        ({"type": "random", "traffic_percentage": 10}, pytest.raises(ValidationError, match="less than or equal to 1")),
+        (
+            {"type": "random", "traffic_percentage": 10},
+            pytest.raises(ValidationError, match="less than or equal to 1"),
+        ),
         ({"type": "random"}, pytest.raises(ValidationError, match="traffic_percentage")),
-        ({"type": "close_to_threshold", "threshold": 0.5, "epsilon": 0.1}, pytest.raises(ValidationError, match="probability")),
-        ({"type": "close_to_threshold", "threshold": 0.5, "epsilon": 0.1, "probability": 1,
-          "minimum_objects_close_to_threshold": 0}, pytest.raises(ValidationError, match="greater than or equal to 1")),
-        ({"type": "close_to_threshold", "threshold": 0.5, "epsilon": 0.1, "probability": 1,
-          "selected_class_names": []}, pytest.raises(ValidationError, match="at least 1")),
-        ({"type": "detections_number_based", "more_than": 3, "less_than": 3, "probability": 1},
-         pytest.raises(ValidationError, match=r"more_than \(3\) must be < less_than \(3\)")),
+        (
+            {"type": "close_to_threshold", "threshold": 0.5, "epsilon": 0.1},
+            pytest.raises(ValidationError, match="probability"),
+        ),
+        (
+            {
+                "type": "close_to_threshold",
+                "threshold": 0.5,
+                "epsilon": 0.1,
+                "probability": 1,
+                "minimum_objects_close_to_threshold": 0,
+            },
+            pytest.raises(ValidationError, match="greater than or equal to 1"),
+        ),
+        (
+            {
+                "type": "close_to_threshold",
+                "threshold": 0.5,
+                "epsilon": 0.1,
+                "probability": 1,
+                "selected_class_names": [],
+            },
+            pytest.raises(ValidationError, match="at least 1"),
+        ),
+        (
+            {"type": "detections_number_based", "more_than": 3, "less_than": 3, "probability": 1},
+            pytest.raises(ValidationError, match=r"more_than \(3\) must be < less_than \(3\)"),
+        ),
         ({"type": "detections_number_based", "probability": 1}, nullcontext()),
-        ({"type": "random", "traffic_percentage": 0.1, "limit": 3}, pytest.raises(ValidationError, match="Extra inputs")),
-        ({"type": "classes_based", "probability": 1}, pytest.raises(ValidationError, match="does not match any")),
-        ({"type": "random", "traffic_percentage": 0.1, "limits": [{"type": "hourly", "value": 1},
-          {"type": "hourly", "value": 2}]}, pytest.raises(ValidationError, match="one limit per type")),
+        (
+            {"type": "random", "traffic_percentage": 0.1, "limit": 3},
+            pytest.raises(ValidationError, match="Extra inputs"),
+        ),
+        (
+            {"type": "classes_based", "probability": 1},
+            pytest.raises(ValidationError, match="does not match any"),
+        ),
+        (
+            {
+                "type": "random",
+                "traffic_percentage": 0.1,
+                "limits": [{"type": "hourly", "value": 1}, {"type": "hourly", "value": 2}],
+            },
+            pytest.raises(ValidationError, match="one limit per type"),
+        ),
     ],
 )
 def test_strategy_configuration(fields: dict[str, Any], context: AbstractContextManager[Any]) -> None:

@@ -68,7 +68,11 @@ class WindowLimits(_Strict):
 
     def as_dict(self) -> dict[str, int]:
         """``{window: limit}`` of the limits that are set."""
-        return {k: v for k, v in (("minutely", self.minutely), ("hourly", self.hourly), ("daily", self.daily)) if v is not None}
+        return {
+            k: v
+            for k, v in (("minutely", self.minutely), ("hourly", self.hourly), ("daily", self.daily))
+            if v is not None
+        }
 
 
 class _StrategyBase(_Strict):
@@ -143,16 +147,20 @@ class ActiveLearningConfig(_Strict):
     enabled: bool = True
     root: Path = Field(description="dataset root folder: <root>/<dataset>/<batch>/")
     sampling_strategies: list[StrategyConfig] = Field(min_length=1)
-    limits: WindowLimits = Field(WindowLimits(), description="per dataset, across sources")
-    batching_strategy: BatchingStrategyConfig = BatchingStrategyConfig()
+    limits: WindowLimits = Field(default_factory=WindowLimits, description="per dataset, across sources")
+    batching_strategy: BatchingStrategyConfig = Field(default_factory=BatchingStrategyConfig)
     max_image_size: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] | None = Field(
         None, description="(height, width): larger frames are downsized, keeping the aspect ratio"
     )
     jpeg_compression_level: int = Field(95, ge=1, le=100, description="JPEG quality of the stored images")
     persist_predictions: bool = Field(True, description="store the predictions as pre-annotations")
     queue_size: int = Field(16, ge=1, le=4096, description="samples waiting for the writer; more are dropped")
-    max_datasets: int = Field(16, ge=1, le=1024, description="distinct dataset names accepted (per-frame names)")
-    error_report_interval_s: float = Field(60.0, gt=0, le=86_400, description="write errors logged once per interval")
+    max_datasets: int = Field(
+        16, ge=1, le=1024, description="distinct dataset names accepted (per-frame names)"
+    )
+    error_report_interval_s: float = Field(
+        60.0, gt=0, le=86_400, description="write errors logged once per interval"
+    )
     seed: int | None = Field(None, description="seed of the sampling draws (default: from the OS)")
 
     @field_validator("sampling_strategies")

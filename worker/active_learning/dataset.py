@@ -286,7 +286,7 @@ class DatasetWriter:
                 else dt.datetime.fromtimestamp(error_at, dt.UTC).isoformat(timespec="seconds"),
             }
 
-    def close(self, timeout: float = 10.0) -> int:  # noqa: ASYNC109 - blocking by design (call it in a thread)
+    def close(self, timeout: float = 10.0) -> int:
         """Write what is queued (within ``timeout``), stop the thread; returns samples not written.
 
         Blocking: call it from a thread (``asyncio.to_thread``).
@@ -433,14 +433,18 @@ class DatasetWriter:
             except ValueError as exc:  # never written by this writer: set it aside, start afresh
                 aside = path.with_name(f"{ANNOTATIONS_FILE}.unreadable-{int(self._clock())}")
                 os.replace(path, aside)
-                log.error("active learning: %s is not valid COCO JSON (%s); moved to %s", path, exc, aside.name)
+                log.error(
+                    "active learning: %s is not valid COCO JSON (%s); moved to %s", path, exc, aside.name
+                )
                 coco = None
         if coco is None:
             coco = {
                 "info": {
                     "description": f"segstream active learning: {folder.parent.name} / {folder.name}",
                     "version": self._version,
-                    "date_created": dt.datetime.fromtimestamp(self._clock(), dt.UTC).isoformat(timespec="seconds"),
+                    "date_created": dt.datetime.fromtimestamp(self._clock(), dt.UTC).isoformat(
+                        timespec="seconds"
+                    ),
                 },
                 "licenses": [],
                 "categories": [],
@@ -470,7 +474,10 @@ class DatasetWriter:
         if scale >= 1.0:
             return image, 1.0
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+        resized: npt.NDArray[np.uint8] = np.asarray(
+            cv2.resize(image, size, interpolation=cv2.INTER_AREA), np.uint8
+        )
+        return resized, scale
 
     def _add(self, batch: _Batch, sample: Sample) -> Path:
         """Write the image (atomically) and append its COCO entries; returns the image's path."""
@@ -507,7 +514,9 @@ class DatasetWriter:
         if self._persist and det is not None and len(det):
             ids = _published_detection_ids(sample.outputs, sample)
             for i in range(len(det)):
-                batch.coco["annotations"].append(self._annotation(batch, sample, det, i, scale, (height, width), ids))
+                batch.coco["annotations"].append(
+                    self._annotation(batch, sample, det, i, scale, (height, width), ids)
+                )
                 batch.next_annotation_id += 1
         return path
 
@@ -542,4 +551,3 @@ class DatasetWriter:
             "score": score,
             "attributes": attributes,
         }
-

@@ -157,7 +157,10 @@ class ActiveLearningSampler:
         """``(disabled, dataset)`` when no selector can change them per frame, else ``None``."""
         if {"disable_active_learning", "active_learning_target_dataset", "model_id"} & set(step.bindings):
             return None
-        params = resolve_step_parameters(step, {}, {})
+        try:
+            params = resolve_step_parameters(step, self._runtime_inputs(), {})
+        except ParameterError:  # another field's selector has no default: resolve per frame then
+            return None
         return params.disable_active_learning, params.active_learning_target_dataset
 
     def start(self) -> None:
@@ -231,7 +234,10 @@ class ActiveLearningSampler:
         chosen = ticket = None
         for strategy in matching:
             ticket = self._limiter.acquire(
-                [(dataset, self._dataset_limits), ((dataset, strategy.name), self._strategy_limits[strategy.name])]
+                [
+                    (dataset, self._dataset_limits),
+                    ((dataset, strategy.name), self._strategy_limits[strategy.name]),
+                ]
             )
             if ticket is not None:
                 chosen = strategy
@@ -300,7 +306,9 @@ def build_sampler(
         log.info("active_learning is configured but every step has disable_active_learning: true")
     for extra in steps[1:]:
         if extra.disable_active_learning is False:
-            log.warning("step %r enables active learning: only the first step's frames are sampled", extra.name)
+            log.warning(
+                "step %r enables active learning: only the first step's frames are sampled", extra.name
+            )
     return ActiveLearningSampler(
         config,
         step=primary,

@@ -116,7 +116,10 @@ def sample_close_to_threshold(
     draw: Draw,
 ) -> bool:
     """``close_to_threshold``: enough detections near the threshold, then a draw below ``probability``."""
-    if count_close_to_threshold(confidence, class_id, selected_ids, threshold=threshold, epsilon=epsilon) < minimum:
+    if (
+        count_close_to_threshold(confidence, class_id, selected_ids, threshold=threshold, epsilon=epsilon)
+        < minimum
+    ):
         return False
     return draw() < probability
 
@@ -203,4 +206,3 @@ def compile_strategies(configs: Sequence[StrategyConfig], class_names: Sequence[
         ids = None if selected is None else np.array([list(class_names).index(n) for n in selected], np.int64)
         compiled.append(Strategy(cfg.name, cfg, ids))
     return tuple(compiled)
-
