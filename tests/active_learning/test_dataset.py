@@ -308,3 +308,19 @@ def test_the_annotations_file_parses_after_a_sigkill_mid_write(tmp_path: Path) -
     again = COCO(str(path))
     assert len(again.imgs) == before + 1 and max(again.imgs) == before + 1
     assert not list(path.parent.glob(".*.tmp-*"))
+
+
+def test_polygon_segmentations_are_the_published_v1_v3_contours(tmp_path: Path) -> None:
+    from worker.step.serialize import mask_to_polygon
+
+    s = sample(0)
+    write(tmp_path, [s], segmentation_format="polygon")
+    coco = load(tmp_path)
+    det = s.detections
+    assert det is not None
+    for i, ann in enumerate(coco.loadAnns(coco.getAnnIds())):
+        points = mask_to_polygon(det.masks.crops[i], tuple(int(v) for v in det.masks.offsets[i]))
+        assert ann["segmentation"] == [[v for p in points for v in (p["x"], p["y"])]]
+        assert coco.annToMask(ann).shape == (72, 128)  # pycocotools rasterizes it
+    with pytest.raises(ValueError, match="segmentation_format"):
+        DatasetWriter(tmp_path, segmentation_format="bitmap")

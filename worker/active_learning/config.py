@@ -154,6 +154,12 @@ class ActiveLearningConfig(_Strict):
     )
     jpeg_compression_level: int = Field(95, ge=1, le=100, description="JPEG quality of the stored images")
     persist_predictions: bool = Field(True, description="store the predictions as pre-annotations")
+    segmentation_format: Literal["rle", "polygon"] = Field(
+        "rle",
+        description="rle: the exact masks (COCO RLE); polygon: each mask's largest outer contour, as "
+        "v1-v3 publish it (holes and extra pieces are lost; for importers that read polygons only, "
+        "e.g. Label Studio's)",
+    )
     queue_size: int = Field(16, ge=1, le=4096, description="samples waiting for the writer; more are dropped")
     max_datasets: int = Field(
         16, ge=1, le=1024, description="distinct dataset names accepted (per-frame names)"

@@ -16,7 +16,9 @@ The COCO file:
   the strategy that picked the frame, inference id, model id, the frame's original size;
 - ``annotations`` (when predictions are kept as pre-annotations): ``segmentation`` as compressed COCO
   RLE (``{"size": [H, W], "counts": str}``, exactly what ``pycocotools.mask.encode`` gives for the
-  mask at the stored size), ``bbox`` ``[x, y, w, h]``, ``area`` (mask pixels), ``iscrowd`` 0,
+  mask at the stored size), or with ``segmentation_format: polygon`` each mask's largest outer contour
+  (``[[x1, y1, x2, y2, ...]]``, the points v1-v3 publish), ``bbox`` ``[x, y, w, h]``, ``area`` (mask
+  pixels), ``iscrowd`` 0,
   ``score`` (the confidence, rounded like the published one) and ``attributes`` (``score``, and the
   published ``detection_id`` when the frame's predictions were among the published outputs).
 
@@ -56,6 +58,7 @@ import numpy.typing as npt
 
 from worker.step.detections import Detections
 from worker.step.rle import encode_crop
+from worker.step.serialize import mask_to_polygon
 
 __all__ = ["ANNOTATIONS_FILE", "DatasetWriter", "Sample", "atomic_write", "scale_crop"]
 
@@ -200,6 +203,7 @@ class DatasetWriter:
         max_image_size: ``(height, width)`` the stored images fit in (aspect ratio kept), or ``None``.
         jpeg_quality: 1..100.
         persist_predictions: store the predictions as annotations.
+        segmentation_format: ``"rle"`` (exact masks) or ``"polygon"`` (each mask's largest outer contour).
         max_batch_images: most images per batch, or ``None``.
         on_outcome: called from the writer thread with each sample and ``"written"``, ``"batch_full"``
             or ``"failed"`` (and from :meth:`close` with ``"dropped"`` for samples it had no time for).
@@ -216,6 +220,7 @@ class DatasetWriter:
         max_image_size: tuple[int, int] | None = None,
         jpeg_quality: int = 95,
         persist_predictions: bool = True,
+        segmentation_format: str = "rle",
         max_batch_images: int | None = None,
         on_outcome: Callable[[Sample, str], None] | None = None,
         report_interval_s: float = 60.0,
@@ -227,6 +232,9 @@ class DatasetWriter:
         self._max_size = max_image_size
         self._quality = int(jpeg_quality)
         self._persist = persist_predictions
+        if segmentation_format not in ("rle", "polygon"):
+            raise ValueError(f"segmentation_format must be 'rle' or 'polygon', got {segmentation_format!r}")
+        self._polygons = segmentation_format == "polygon"
         self._max_batch = max_batch_images
         self._on_outcome = on_outcome or (lambda _s, _o: None)
         self._interval = report_interval_s
@@ -514,10 +522,10 @@ class DatasetWriter:
         if self._persist and det is not None and len(det):
             ids = _published_detection_ids(sample.outputs, sample)
             for i in range(len(det)):
-                batch.coco["annotations"].append(
-                    self._annotation(batch, sample, det, i, scale, (height, width), ids)
-                )
-                batch.next_annotation_id += 1
+                ann = self._annotation(batch, sample, det, i, scale, (height, width), ids)
+                if ann is not None:
+                    batch.coco["annotations"].append(ann)
+                    batch.next_annotation_id += 1
         return path
 
     def _annotation(
@@ -529,12 +537,20 @@ class DatasetWriter:
         scale: float,
         shape: tuple[int, int],
         detection_ids: list[str] | None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        """One COCO annotation; ``None`` for a polygon of an empty mask (not representable)."""
         crop = det.masks.crops[i]
         x0, y0 = (int(v) for v in det.masks.offsets[i])
         if scale != 1.0:
             crop, (x0, y0) = scale_crop(crop, (x0, y0), scale, shape)
-        rle = encode_crop(crop, (x0, y0), shape)
+        if self._polygons:
+            points = mask_to_polygon(crop, (x0, y0))
+            if not points:
+                return None
+            segmentation: Any = [[round(v, 2) for p in points for v in (p["x"], p["y"])]]
+        else:
+            rle = encode_crop(crop, (x0, y0), shape)
+            segmentation = {"size": rle["size"], "counts": rle["counts"]}
         x1, y1, x2, y2 = (float(v) * scale for v in det.xyxy[i])
         score = round(float(det.confidence[i]), 4)
         attributes: dict[str, Any] = {"score": score}
@@ -544,7 +560,7 @@ class DatasetWriter:
             "id": batch.next_annotation_id,
             "image_id": batch.next_image_id - 1,
             "category_id": batch.category_ids[sample.class_names[int(det.class_id[i])]],
-            "segmentation": {"size": rle["size"], "counts": rle["counts"]},
+            "segmentation": segmentation,
             "area": int(crop.sum()),
             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
             "iscrowd": 0,

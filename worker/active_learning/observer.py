@@ -141,6 +141,7 @@ class ActiveLearningSampler:
             max_image_size=config.max_image_size,
             jpeg_quality=config.jpeg_compression_level,
             persist_predictions=config.persist_predictions,
+            segmentation_format=config.segmentation_format,
             max_batch_images=batching.max_batch_images,
             on_outcome=self._written,
             report_interval_s=config.error_report_interval_s,
