@@ -129,3 +129,62 @@ async def test_the_demo_clip_with_close_to_threshold_and_a_limit(tmp_path: Path)
     assert value("segstream_active_learning_samples_total", {**labels, "outcome": "dropped"}) == 0
     detail = worker.health.readiness().checks["active_learning"]
     assert detail["written"] == written and detail["writing"] is True and detail["last_error"] is None
+
+
+async def test_an_unwritable_root_is_reported_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "frames").mkdir()
+    clip_frames(tmp_path / "frames", 8)
+    doc = pipeline(tmp_path)
+    (tmp_path / "dataset").write_text("a file where the dataset root should be")
+    doc["active_learning"]["limits"] = {}
+    worker = Worker(PipelineConfig.model_validate(doc))
+    assert await worker.run() == 0  # every frame still processed and published
+    assert (
+        worker.metrics.registry.get_sample_value("segstream_frames_processed_total", {"source": "belt"}) == 8
+    )
+    detail = worker.health.readiness().checks["active_learning"]
+    assert detail["writing"] is False and detail["failed"] > 0 and detail["written"] == 0
+    assert "cannot open batch" in detail["last_error"]
+    failed = worker.metrics.registry.get_sample_value(
+        "segstream_active_learning_samples_total",
+        {"dataset": "factory-parts", "strategy": "unsure", "outcome": "failed"},
+    )
+    assert failed == detail["failed"]
+
+
+def test_the_worker_killed_mid_run_leaves_a_dataset_that_parses(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "frames").mkdir()
+    clip_frames(tmp_path / "frames", 12)
+    doc = pipeline(tmp_path)
+    doc["sources"][0]["loop"] = True  # runs until killed
+    doc["active_learning"]["sampling_strategies"] = [
+        {"name": "all", "type": "random", "traffic_percentage": 1.0}
+    ]
+    doc["active_learning"]["limits"] = {}
+    doc["log_level"] = "WARNING"
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", str(tmp_path / "pipeline.yaml")], env=env, cwd=tmp_path
+    )
+    root = tmp_path / "dataset" / "factory-parts"
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(root.glob("*/*.jpg"))) < 20:
+            assert proc.poll() is None, "the worker stopped"
+            assert time.monotonic() < deadline, "the worker wrote too few samples in time"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    (batch,) = root.iterdir()
+    coco = COCO(str(batch / ANNOTATIONS_FILE))
+    assert len(coco.imgs) >= 1
+    assert all((batch / image["file_name"]).is_file() for image in coco.imgs.values())

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter
 
-__all__ = ["OUTCOMES", "register_metrics"]
+__all__ = ["OUTCOMES", "precreate", "register_metrics"]
 
 OUTCOMES = ("written", "limited", "batch_full", "dropped", "failed", "refused")
 
