@@ -241,10 +241,20 @@ def test_a_failed_annotation_write_leaves_file_and_memory_consistent(tmp_path: P
     assert len(list(batch.glob("*.jpg"))) == 1
 
 
-def test_a_file_not_written_by_the_writer_is_set_aside(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"images": [',
+        "[]",
+        '{"images": [{"file_name": "x.jpg"}]}',
+        '{"images": {}}',
+        '{"categories": [{"id": 1}]}',
+    ],
+)
+def test_a_file_not_written_by_the_writer_is_set_aside(tmp_path: Path, text: str) -> None:
     batch = tmp_path / "parts" / "al_2026_12_02"
     batch.mkdir(parents=True)
-    (batch / ANNOTATIONS_FILE).write_text('{"images": [')
+    (batch / ANNOTATIONS_FILE).write_text(text)
     write(tmp_path, [sample(0)])
     assert len(load(tmp_path).imgs) == 1
     assert len(list(batch.glob(f"{ANNOTATIONS_FILE}.unreadable-*"))) == 1
@@ -324,3 +334,13 @@ def test_polygon_segmentations_are_the_published_v1_v3_contours(tmp_path: Path) 
         assert coco.annToMask(ann).shape == (72, 128)  # pycocotools rasterizes it
     with pytest.raises(ValueError, match="segmentation_format"):
         DatasetWriter(tmp_path, segmentation_format="bitmap")
+
+
+def test_a_sample_the_writer_cannot_handle_fails_alone(tmp_path: Path) -> None:
+    bad = Sample(**{**_fields(sample(0)), "class_names": ("nut",)})  # class id 3 has no name
+    _, outcomes = write(tmp_path, [sample(1), bad, sample(2)])
+    assert outcomes.seen == [("cam1:1", "written"), ("cam1:2", "written"), ("cam1:0", "failed")]
+    coco = load(tmp_path)  # the bad sample left no trace: no entry, no image, no gap in the ids
+    assert [coco.imgs[i]["segstream"]["frame_number"] for i in sorted(coco.imgs)] == [1, 2]
+    assert sorted(coco.anns) == [1, 2, 3, 4]
+    assert len(list((tmp_path / "parts" / "al_2026_12_02").glob("*.jpg"))) == 2

@@ -181,6 +181,22 @@ def _published_detection_ids(outputs: Mapping[str, Any] | None, sample: Sample) 
     return None
 
 
+def _check_coco(coco: Any) -> None:
+    """Raise ``ValueError`` unless ``coco`` has the lists and ids this writer appends to."""
+    try:
+        if not isinstance(coco, dict):
+            raise TypeError("not an object")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(coco.setdefault(key, []), list):
+                raise TypeError(f"{key!r} is not a list")
+        for entry in (*coco["images"], *coco["annotations"], *coco["categories"]):
+            int(entry["id"])
+        for category in coco["categories"]:
+            str(category["name"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"not a COCO annotations file: {exc!r}") from None
+
+
 @dataclass
 class _Batch:
     folder: Path
@@ -346,7 +362,13 @@ class DatasetWriter:
             for sample in samples:
                 groups.setdefault((sample.dataset, sample.batch), []).append(sample)
             for key, group in groups.items():
-                self._write_group(key, group)
+                try:
+                    self._write_group(key, group)
+                except Exception as exc:  # a bug must not stop the thread: fail these samples, go on
+                    log.exception("active learning: writing %d samples into %s/%s failed", len(group), *key)
+                    self._error(f"writing into {key[0]}/{key[1]} failed", exc)
+                    for sample in group:
+                        self._outcome(sample, "failed")
             if stop:
                 return
 
@@ -386,6 +408,10 @@ class DatasetWriter:
                 added.append((sample, self._add(batch, sample)))
             except OSError as exc:
                 self._error(f"cannot write an image into {batch.folder}", exc)
+                failed.append(sample)
+            except Exception as exc:  # a sample the writer cannot handle: it fails alone (nothing added)
+                log.exception("active learning: sample %s refused", sample.metadata.get("frame_id"))
+                self._error(f"cannot store sample {sample.metadata.get('frame_id')}", exc)
                 failed.append(sample)
         if added:
             try:
@@ -436,8 +462,7 @@ class DatasetWriter:
         if path.exists():
             try:
                 coco = json.loads(path.read_bytes())
-                if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-                    raise ValueError("not a COCO object")
+                _check_coco(coco)
             except ValueError as exc:  # never written by this writer: set it aside, start afresh
                 aside = path.with_name(f"{ANNOTATIONS_FILE}.unreadable-{int(self._clock())}")
                 os.replace(path, aside)
@@ -488,44 +513,51 @@ class DatasetWriter:
         return resized, scale
 
     def _add(self, batch: _Batch, sample: Sample) -> Path:
-        """Write the image (atomically) and append its COCO entries; returns the image's path."""
+        """Write the image (atomically) and append its COCO entries; returns the image's path.
+
+        Everything that can fail on the sample's content happens before the image is written and
+        before anything is appended, so a failure leaves the batch as it was.
+        """
         image, scale = self._scaled(sample.image)
         height, width = image.shape[:2]
-        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self._quality])
-        if not ok:
-            raise OSError("JPEG encoding failed")
         meta = dict(sample.metadata)
         number = int(meta.get("frame_number", 0))
         name = f"{_safe(str(meta.get('source', 'frame')))}_{number:08d}_{uuid.uuid4().hex[:8]}.jpg"
-        path = batch.folder / name
-        atomic_write(path, jpeg.tobytes())
+        try:
+            captured = dt.datetime.fromtimestamp(float(meta["capture_time"]), dt.UTC)
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):  # absent or out of range
+            captured = None
         image_id = batch.next_image_id
-        captured = meta.get("capture_time")
-        batch.coco["images"].append(
-            {
-                "id": image_id,
-                "file_name": name,
-                "width": int(width),
-                "height": int(height),
-                "date_captured": None
-                if captured is None
-                else dt.datetime.fromtimestamp(float(captured), dt.UTC).isoformat(timespec="milliseconds"),
-                "segstream": {
-                    **meta,
-                    "original_width": int(sample.image.shape[1]),
-                    "original_height": int(sample.image.shape[0]),
-                },
-            }
-        )
-        batch.next_image_id += 1
+        entry = {
+            "id": image_id,
+            "file_name": name,
+            "width": int(width),
+            "height": int(height),
+            "date_captured": None if captured is None else captured.isoformat(timespec="milliseconds"),
+            "segstream": {
+                **meta,
+                "original_width": int(sample.image.shape[1]),
+                "original_height": int(sample.image.shape[0]),
+            },
+        }
+        annotations: list[dict[str, Any]] = []
         det = sample.detections
         if self._persist and det is not None and len(det):
             ids = _published_detection_ids(sample.outputs, sample)
             for i in range(len(det)):
-                ann = self._annotation(batch, sample, det, i, scale, (height, width), ids)
+                ann_id = batch.next_annotation_id + len(annotations)
+                ann = self._annotation(batch, sample, det, i, scale, (height, width), ids, image_id, ann_id)
                 if ann is not None:
-                    batch.coco["annotations"].append(ann)
-                    batch.next_annotation_id += 1
+                    annotations.append(ann)
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self._quality])
+        if not ok:
+            raise OSError("JPEG encoding failed")
+        path = batch.folder / name
+        atomic_write(path, jpeg.tobytes())
+        batch.coco["images"].append(entry)
+        batch.coco["annotations"].extend(annotations)
+        batch.next_image_id += 1
+        batch.next_annotation_id += len(annotations)
         return path
 
     def _annotation(
@@ -537,6 +569,8 @@ class DatasetWriter:
         scale: float,
         shape: tuple[int, int],
         detection_ids: list[str] | None,
+        image_id: int,
+        annotation_id: int,
     ) -> dict[str, Any] | None:
         """One COCO annotation; ``None`` for a polygon of an empty mask (not representable)."""
         crop = det.masks.crops[i]
@@ -557,8 +591,8 @@ class DatasetWriter:
         if detection_ids is not None:
             attributes["detection_id"] = detection_ids[i]
         return {
-            "id": batch.next_annotation_id,
-            "image_id": batch.next_image_id - 1,
+            "id": annotation_id,
+            "image_id": image_id,
             "category_id": batch.category_ids[sample.class_names[int(det.class_id[i])]],
             "segmentation": segmentation,
             "area": int(crop.sum()),
