@@ -188,3 +188,15 @@ def test_the_worker_killed_mid_run_leaves_a_dataset_that_parses(tmp_path: Path) 
     coco = COCO(str(batch / ANNOTATIONS_FILE))
     assert len(coco.imgs) >= 1
     assert all((batch / image["file_name"]).is_file() for image in coco.imgs.values())
+
+
+async def test_unknown_strategy_classes_stop_the_worker_at_start_up(tmp_path: Path) -> None:
+    from worker.errors import ConfigError
+
+    (tmp_path / "frames").mkdir()
+    doc = pipeline(tmp_path)
+    doc["active_learning"]["sampling_strategies"][0]["selected_class_names"] = ["bolt", "gear"]
+    worker = Worker(PipelineConfig.model_validate(doc))
+    with pytest.raises(ConfigError, match=r"\['gear'\] do not exist in the model's training set") as info:
+        await worker.run()
+    assert info.value.field == "active_learning.sampling_strategies.0.selected_class_names"
