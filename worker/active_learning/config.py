@@ -103,10 +103,10 @@ class CloseToThresholdStrategy(_StrategyBase):
     """Keep frames with detections whose confidence lies in ``(threshold - epsilon, threshold + epsilon)``."""
 
     type: Literal["close_to_threshold"]
-    threshold: Fraction
-    epsilon: Fraction
+    threshold: Fraction = Field(description="centre of the confidence band")
+    epsilon: Fraction = Field(description="half-width of the band (open interval)")
     probability: Fraction = Field(description="share of the matching frames kept")
-    minimum_objects_close_to_threshold: int = Field(1, ge=1)
+    minimum_objects_close_to_threshold: int = Field(1, ge=1, description="detections in the band needed")
     selected_class_names: ClassNames | None = Field(None, description="only these classes count")
 
 
@@ -114,10 +114,10 @@ class DetectionsNumberStrategy(_StrategyBase):
     """Keep frames with more than ``more_than`` and fewer than ``less_than`` detections (of some classes)."""
 
     type: Literal["detections_number_based"]
-    more_than: int | None = Field(None, ge=0)
-    less_than: int | None = Field(None, ge=0)
-    probability: Fraction
-    selected_class_names: ClassNames | None = None
+    more_than: int | None = Field(None, ge=0, description="keep frames with more detections than this")
+    less_than: int | None = Field(None, ge=0, description="keep frames with fewer detections than this")
+    probability: Fraction = Field(description="share of the matching frames kept")
+    selected_class_names: ClassNames | None = Field(None, description="only these classes count")
 
     @model_validator(mode="after")
     def _range(self) -> DetectionsNumberStrategy:
@@ -144,7 +144,7 @@ class BatchingStrategyConfig(_Strict):
 class ActiveLearningConfig(_Strict):
     """Active learning: which frames of steps with ``disable_active_learning: false`` are kept."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: the section is kept but nothing is sampled")
     root: Path = Field(description="dataset root folder: <root>/<dataset>/<batch>/")
     sampling_strategies: list[StrategyConfig] = Field(min_length=1)
     limits: WindowLimits = Field(default_factory=WindowLimits, description="per dataset, across sources")
