@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
 
 torch = pytest.importorskip("torch")
 
@@ -99,3 +100,32 @@ def test_a_few_fine_tuning_steps_write_a_loadable_package(tmp_path: Path) -> Non
     tuned_out, base_out = model.infer([frame])[0].predictions, base.infer([frame])[0].predictions
     assert tuned_out.shape == base_out.shape and not np.array_equal(tuned_out, base_out)
     assert np.isfinite(tuned_out).all()
+
+
+def test_the_clip_ground_truth_stands_in_for_a_labeller(tmp_path: Path) -> None:
+    import cv2
+
+    from training.label_from_clip import DEFAULT_GT, label_from_clip
+
+    cap = cv2.VideoCapture(str(DEFAULT_GT.parent / "demo_clip.mp4"))
+    writer = DatasetWriter(tmp_path, queue_size=4)
+    writer.start()
+    for n in range(3):
+        ok, image = cap.read()
+        assert ok
+        meta = {"source": "belt", "frame_id": f"belt:{n}", "frame_number": n, "strategy": "unsure"}
+        if n != 1:  # frame 1 is not sampled
+            det = Detections.empty((720, 1280))
+            assert writer.try_put(Sample("parts", "b", image, det, NAMES, meta))
+    cap.release()
+    assert writer.close(timeout=30) == 0
+    (file,) = annotation_files([tmp_path])
+    assert label_from_clip([file]) == 2
+    ours = COCO(str(file))
+    gt = COCO(str(DEFAULT_GT))
+    for image in ours.imgs.values():
+        frame = image["segstream"]["frame_number"]
+        (gt_id,) = [i for i, g in gt.imgs.items() if g["frame_index"] == frame]
+        want = sorted((a["bbox"], a["area"]) for a in gt.loadAnns(gt.getAnnIds(imgIds=gt_id)))
+        got = sorted((a["bbox"], a["area"]) for a in ours.loadAnns(ours.getAnnIds(imgIds=image["id"])))
+        assert got == want and got
