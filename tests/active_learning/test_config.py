@@ -30,10 +30,13 @@ def test_the_example_pipeline_loads() -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        (lambda al: al["sampling_strategies"][0].update(epsilon=2), "active_learning.sampling_strategies.0"),
+        (
+            lambda al: al["sampling_strategies"][0].update(epsilon=2),
+            "active_learning.sampling_strategies[0].epsilon",
+        ),
         (lambda al: al.update(limits={"weekly": 3}), "active_learning.limits.weekly"),
         (lambda al: al.update(jpeg_compression_level=0), "active_learning.jpeg_compression_level"),
-        (lambda al: al.update(max_image_size=[0, 10]), "active_learning.max_image_size.0"),
+        (lambda al: al.update(max_image_size=[0, 10]), "active_learning.max_image_size[0]"),
         (
             lambda al: al["batching_strategy"].update(batches_name_prefix="../up"),
             "active_learning.batching_strategy",

@@ -199,4 +199,4 @@ async def test_unknown_strategy_classes_stop_the_worker_at_start_up(tmp_path: Pa
     worker = Worker(PipelineConfig.model_validate(doc))
     with pytest.raises(ConfigError, match=r"\['gear'\] do not exist in the model's training set") as info:
         await worker.run()
-    assert info.value.field == "active_learning.sampling_strategies.0.selected_class_names"
+    assert info.value.field == "active_learning.sampling_strategies[0].selected_class_names"

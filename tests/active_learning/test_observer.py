@@ -242,7 +242,7 @@ def test_selected_classes_must_exist_in_the_model(tmp_path: Path) -> None:
         ConfigError, match=r"'gears'.*\['gear'\] do not exist in the model's training set"
     ) as info:
         sampler(tmp_path, sampling_strategies=strategies)
-    assert info.value.field == "active_learning.sampling_strategies.1.selected_class_names"
+    assert info.value.field == "active_learning.sampling_strategies[1].selected_class_names"
 
 
 def test_build_sampler_warns_when_a_step_asks_without_a_section(caplog: pytest.LogCaptureFixture) -> None:

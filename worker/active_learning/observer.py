@@ -122,7 +122,7 @@ class ActiveLearningSampler:
                         f"active_learning: strategy {strategy_config.name!r}: selected_class_names "
                         f"{unknown} do not exist in the model's training set; model {model_id!r} has "
                         f"{list(names)}",
-                        field=f"active_learning.sampling_strategies.{index}.selected_class_names",
+                        field=f"active_learning.sampling_strategies[{index}].selected_class_names",
                     )
             self._strategies[model_id] = compile_strategies(config.sampling_strategies, names)
         self._class_names = {mid: tuple(names) for mid, names in class_names.items()}
