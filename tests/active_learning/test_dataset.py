@@ -181,7 +181,7 @@ def _fields(s: Sample) -> dict[str, Any]:
 
 def test_the_queue_is_bounded_and_close_counts_what_was_left(tmp_path: Path) -> None:
     outcomes = Outcomes()
-    writer = DatasetWriter(tmp_path, queue_size=2, on_outcome=outcomes)  # not started: nothing drains
+    writer = DatasetWriter(tmp_path, queue_size=2, on_outcome=outcomes, autostart=False)  # nothing drains
     assert writer.try_put(sample(0)) and writer.try_put(sample(1))
     assert not writer.try_put(sample(2))
     assert writer.queue_depth == 2

@@ -74,7 +74,7 @@ async def test_the_demo_clip_with_close_to_threshold_and_a_limit(tmp_path: Path)
     (tmp_path / "frames").mkdir()
     clip_frames(tmp_path / "frames", FRAMES)
     memory = MemorySink()
-    worker = Worker(PipelineConfig.model_validate(pipeline(tmp_path)), extra_sinks=[memory])
+    worker = await Worker.create(PipelineConfig.model_validate(pipeline(tmp_path)), extra_sinks=[memory])
     started = time.time()
     assert await worker.run() == 0
     ended = time.time()
@@ -137,7 +137,7 @@ async def test_an_unwritable_root_is_reported_not_fatal(tmp_path: Path) -> None:
     doc = pipeline(tmp_path)
     (tmp_path / "dataset").write_text("a file where the dataset root should be")
     doc["active_learning"]["limits"] = {}
-    worker = Worker(PipelineConfig.model_validate(doc))
+    worker = await Worker.create(PipelineConfig.model_validate(doc))
     assert await worker.run() == 0  # every frame still processed and published
     assert (
         worker.metrics.registry.get_sample_value("segstream_frames_processed_total", {"source": "belt"}) == 8
@@ -196,7 +196,6 @@ async def test_unknown_strategy_classes_stop_the_worker_at_start_up(tmp_path: Pa
     (tmp_path / "frames").mkdir()
     doc = pipeline(tmp_path)
     doc["active_learning"]["sampling_strategies"][0]["selected_class_names"] = ["bolt", "gear"]
-    worker = Worker(PipelineConfig.model_validate(doc))
     with pytest.raises(ConfigError, match=r"\['gear'\] do not exist in the model's training set") as info:
-        await worker.run()
+        await Worker.create(PipelineConfig.model_validate(doc))
     assert info.value.field == "active_learning.sampling_strategies[0].selected_class_names"

@@ -11,11 +11,12 @@ from prometheus_client import CollectorRegistry
 from pycocotools.coco import COCO
 
 from tests.active_learning.helpers import NAMES, detections, frame_image
-from worker.active_learning import ActiveLearningConfig, ActiveLearningSampler, PublishedFrame, build_sampler
+from worker.active_learning import ActiveLearningConfig, ActiveLearningSampler, build_sampler
 from worker.active_learning.dataset import ANNOTATIONS_FILE, DatasetWriter
 from worker.errors import ConfigError
 from worker.frame import Frame
 from worker.messages import FrameResult
+from worker.publisher import PublishedFrame
 from worker.step.detections import Detections
 from worker.step.manifests import parse_step
 
@@ -210,7 +211,7 @@ async def test_the_first_matching_strategy_with_credit_takes_the_frame(tmp_path:
 
 
 async def test_a_writer_that_falls_behind_drops_samples_and_gives_their_credit_back(tmp_path: Path) -> None:
-    stalled = DatasetWriter(tmp_path, queue_size=1)  # never started: its queue stays full
+    stalled = DatasetWriter(tmp_path, queue_size=1, autostart=False)  # never started: its queue stays full
     s, registry = sampler(tmp_path, writer=stalled, start=False, limits={"minutely": 2})
     for n in range(4):
         s.on_result(published(n))  # returns at once every time

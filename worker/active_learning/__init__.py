@@ -10,7 +10,7 @@ from worker.active_learning.config import ActiveLearningConfig
 from worker.active_learning.dataset import ANNOTATIONS_FILE, DatasetWriter, Sample
 from worker.active_learning.limits import WindowLimiter, batch_name
 from worker.active_learning.metrics import OUTCOMES, register_metrics
-from worker.active_learning.observer import ActiveLearningSampler, PublishedFrame, build_sampler
+from worker.active_learning.observer import ActiveLearningSampler, build_sampler
 from worker.active_learning.strategies import Strategy, compile_strategies
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "ActiveLearningConfig",
     "ActiveLearningSampler",
     "DatasetWriter",
-    "PublishedFrame",
     "Sample",
     "Strategy",
     "WindowLimiter",

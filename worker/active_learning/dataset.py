@@ -226,6 +226,7 @@ class DatasetWriter:
         report_interval_s: write errors are logged at most once per this many seconds.
         clock: Unix seconds (``date_created`` and error times).
         version: the worker's version (in the COCO ``info``).
+        autostart: start the thread at the first ``try_put`` (else only :meth:`start` does).
     """
 
     def __init__(
@@ -242,8 +243,10 @@ class DatasetWriter:
         report_interval_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         version: str = "",
+        autostart: bool = True,
     ) -> None:
         self.root = Path(root)
+        self._autostart = autostart
         self._queue: queue.Queue[Sample | None] = queue.Queue(queue_size)
         self._max_size = max_image_size
         self._quality = int(jpeg_quality)
@@ -280,6 +283,8 @@ class DatasetWriter:
         """Queue a sample without blocking; ``False`` when the queue is full or the writer is closing."""
         if self._stopping:
             return False
+        if self._thread is None and self._autostart:
+            self.start()  # the thread exists once there is something to write
         try:
             self._queue.put_nowait(sample)
         except queue.Full:

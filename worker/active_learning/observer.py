@@ -9,8 +9,8 @@ reference), and hands the frame to the :class:`~worker.active_learning.dataset.D
 without blocking. The cost on the loop is a few numpy operations and a dict lookup per frame; image
 encoding, RLE and file writes happen in the writer's thread.
 
-``PublishedFrame`` here mirrors the one agreed for ``worker/publisher.py`` (same fields); the sampler
-only reads those fields, so either type works.
+The sampler is a ``worker.publisher.ResultObserver``: the runtime adds it to the publisher's
+observers, which hands it every ``PublishedFrame`` and closes it after the last result.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,7 +38,7 @@ from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
 from worker.step.parameters import input_selector_name, resolve_step_parameters
 
-__all__ = ["ActiveLearningSampler", "PublishedFrame", "PublishedFrameLike", "build_sampler"]
+__all__ = ["ActiveLearningSampler", "PublishedFrameLike", "build_sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ OTHER = "other"
 
 
 class PublishedFrameLike(Protocol):
-    """What the sampler reads of a published frame (``worker.publisher.PublishedFrame``)."""
+    """What the sampler reads of a ``worker.publisher.PublishedFrame``."""
 
     @property
     def frame(self) -> Frame: ...
@@ -60,17 +59,6 @@ class PublishedFrameLike(Protocol):
     def detections(self) -> Detections | None: ...
     @property
     def class_names(self) -> tuple[str, ...]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class PublishedFrame:
-    """A frame as published (the agreed ``worker.publisher.PublishedFrame``, until that module lands)."""
-
-    frame: Frame
-    result: FrameResult
-    detections: Detections | None
-    class_names: tuple[str, ...]
-    latency_s: float
 
 
 class ActiveLearningSampler:
