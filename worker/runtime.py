@@ -36,6 +36,7 @@ from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport, FrameResult
 from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
+from worker.models.remote import bind_remote
 from worker.preview import PreviewHub
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideoWriter, RunSummary
@@ -107,7 +108,10 @@ class Worker:
 
     def _build_runner(self) -> WorkflowRunner:
         dirs = default_models_dirs(self._models_dir)
-        return WorkflowRunner(self.workflow, ModelRegistry(dirs), model_config=self.config.model)
+        held = [s.id for s in self.config.sources if s.policy == "every_frame"]
+        return WorkflowRunner(
+            self.workflow, ModelRegistry(dirs), model_config=self.config.model, held_sources=held
+        )
 
     def _on_source_error(self, report: ErrorReport) -> None:
         """Called on the loop by sources for each bad payload or outage."""
@@ -140,6 +144,8 @@ class Worker:
             log.info("model %s: %s", model_id, info.summary())
             self.metrics.model_loaded(model_id, info.backend, info.precision, info.requested, info.used)
         self.health.set_model_loaded(True)
+        for model_id, model in self.runner.models.items():
+            bind_remote(model, self.metrics, self.health, model_id)
         async with AsyncExitStack() as stack:
             if self.config.http.enabled:
                 app = build_app(self.metrics, self.health, self.preview)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from worker.frame import Frame
 from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.config import ModelRuntimeConfig
 from worker.models.registry import ModelRegistry
+from worker.models.remote.hold import infer_holding
 from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
 from worker.step.parameters import DEFAULT_CONFIDENCE, ResolvedStepParameters
@@ -100,6 +101,8 @@ class WorkflowRunner:
             (default: ONNX Runtime with its defaults). The runner sees models only through the
             ``SegmentationBackend`` protocol.
         id_factory: makes inference and detection ids (uuid4 strings by default).
+        held_sources: sources whose frames wait for an unavailable inference server (``every_frame``
+            sources: backpressure) instead of failing with ``server_unavailable`` (live sources).
 
     Raises:
         ModelError: a model cannot be found or loaded.
@@ -113,8 +116,10 @@ class WorkflowRunner:
         *,
         model_config: ModelRuntimeConfig | None = None,
         id_factory: Callable[[], str] | None = None,
+        held_sources: Collection[str] = (),
     ) -> None:
         self.workflow = workflow
+        self._held_sources = frozenset(held_sources)
         self._registry = registry
         self._model_config = model_config
         self._new_id = id_factory or (lambda: str(uuid.uuid4()))
@@ -311,9 +316,13 @@ class WorkflowRunner:
     def _infer(
         self, model: SegmentationBackend, frames: Sequence[Frame]
     ) -> list[RawSegmentation | SegstreamError]:
-        """The batch in one run; if that fails, frame by frame so one bad frame fails alone."""
+        """The batch in one run; if that fails, frame by frame so one bad frame fails alone.
+
+        A remote backend's server failure is not the frames' fault: the batch is not split, held
+        sources' frames wait for the server (``worker.models.remote.hold``), the others fail.
+        """
         try:
-            return list(model.infer([f.image for f in frames]))
+            return list(infer_holding(model, frames, self._held_sources))
         except (ModelError, ValueError) as batch_error:
             if len(frames) == 1:
                 return [_inference_error(batch_error, model)]
