@@ -12,7 +12,15 @@ import pytest
 from aiohttp import web
 
 from tests.support.mosquitto import free_port
-from tests.support.servers import KSERVE_PYTHON_ENV, ServerProcess, kserve_python, start_kserve
+from tests.support.servers import (
+    KSERVE_PYTHON_ENV,
+    ROBOFLOW_PYTHON_ENV,
+    ServerProcess,
+    kserve_python,
+    roboflow_python,
+    start_kserve,
+    start_roboflow,
+)
 from worker.models.registry import BUNDLED_MODELS_DIR
 
 DEMO = BUNDLED_MODELS_DIR / "factory-parts" / "1"
@@ -53,7 +61,7 @@ class ThreadedApp:
 def _need_kserve() -> None:
     if kserve_python() is None:
         if os.environ.get("CI"):
-            pytest.fail(f"CI must install the PyTriton environment (scripts/install-remote-servers.sh)")
+            pytest.fail("CI must install the PyTriton environment (scripts/install-remote-servers.sh)")
         pytest.skip(f"PyTriton not installed: scripts/install-remote-servers.sh or ${KSERVE_PYTHON_ENV}")
 
 
@@ -76,6 +84,42 @@ def fresh_triton(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
     def start(**kwargs: object) -> ServerProcess:
         server = start_kserve(tmp_path, model=DEMO, name="factory-parts", **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def _need_roboflow() -> None:
+    if roboflow_python() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install the inference-cpu environment (scripts/install-remote-servers.sh)")
+        pytest.skip(
+            f"inference-cpu not installed: scripts/install-remote-servers.sh or ${ROBOFLOW_PYTHON_ENV}"
+        )
+
+
+@pytest.fixture(scope="module")
+def roboflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The Roboflow inference server serving the bundled demo model as ``factory-parts/1``."""
+    _need_roboflow()
+    server = start_roboflow(tmp_path_factory.mktemp("roboflow"), model=DEMO, model_id="factory-parts/1")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def fresh_roboflow(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start Roboflow inference servers of the test's own (killed at the end)."""
+    _need_roboflow()
+    started: list[ServerProcess] = []
+
+    def start(**kwargs: object) -> ServerProcess:
+        server = start_roboflow(tmp_path, model=DEMO, model_id="factory-parts/1", **kwargs)  # type: ignore[arg-type]
         started.append(server)
         return server
 

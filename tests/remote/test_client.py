@@ -117,7 +117,7 @@ def test_a_timeout_is_not_retried_opens_the_breaker_and_the_probe_closes_it() ->
         states: list[bool] = []
         client.add_listener(states.append)
         try:
-            with pytest.raises(RemoteTimeoutError, match="no answer within 0.2 s"):
+            with pytest.raises(RemoteTimeoutError, match=r"no answer within 0\.2 s"):
                 client.request("POST", "/infer", body=b"x")
             assert infer_calls == [1]  # not retried
             assert not client.available

@@ -108,7 +108,9 @@ def test_through_the_registry_and_the_step_with_metrics(triton: ServerProcess) -
     metrics = CollectorRegistry()
     health = _Health()
     bind_remote(model, _Metrics(metrics), health, "factory-parts/1")
-    frames = [Frame("cam", i, 0.0, img, f"f{i}", {}) for i, img in enumerate(iter_frames(CLIP, every=30, limit=3))]
+    frames = [
+        Frame("cam", i, 0.0, img, f"f{i}", {}) for i, img in enumerate(iter_frames(CLIP, every=30, limit=3))
+    ]
     outcomes = runner.run_batch(frames).outcomes
     registry.close()
     assert all(o.error is None for o in outcomes)
@@ -169,7 +171,9 @@ def test_an_unknown_model_and_a_package_that_does_not_fit_are_start_up_errors(
     meta["class_names"] = ["nut", "washer", "bolt"]  # the server's model has four
     meta.pop("recommended_parameters", None)
     (package / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match=r"predictions output has shape \(1, 40, 4725\), expected \(1, 39, N\)"):
+    with pytest.raises(
+        ModelError, match=r"predictions output has shape \(1, 40, 4725\), expected \(1, 39, N\)"
+    ):
         # the declared channel axis is dynamic: the warm-up run's outputs are what is checked
         KServeV2Backend(package, "factory-parts/1", _remote(triton.url))
 
@@ -185,9 +189,7 @@ def test_server_killed_mid_stream_live_frames_fail_held_frames_come_out_once_it_
     server = fresh_triton()
     registry = ModelRegistry([BUNDLED_MODELS_DIR])
     config = _remote(server.url, timeout_s=10, breaker_failures=2, probe_interval_s=(0.05, 0.3))
-    runner = WorkflowRunner(
-        load_workflow(_workflow()), registry, model_config=config, held_sources={"line"}
-    )
+    runner = WorkflowRunner(load_workflow(_workflow()), registry, model_config=config, held_sources={"line"})
     (model,) = runner.models.values()
     health = _Health()
     bind_remote(model, _Metrics(CollectorRegistry()), health, "factory-parts/1")

@@ -5,6 +5,8 @@ Each server runs in its own virtual environment (they pin packages segstream doe
 
 - KServe v2: NVIDIA Triton bundled by PyTriton (``.venv-kserve``, or ``$SEGSTREAM_KSERVE_PYTHON``),
   serving the bundled ONNX model with ONNX Runtime (``tests/support/kserve_server.py``);
+- Roboflow: the ``inference`` package's HTTP API (``.venv-roboflow``, or ``$SEGSTREAM_ROBOFLOW_PYTHON``)
+  serving the bundled model as a local model package (``tests/support/roboflow_server.py``).
 
 A server is started in its own process group (``start_new_session``) so that killing it takes its
 children (Triton's ``tritonserver`` and Python-backend stubs) too: :meth:`ServerProcess.kill` signals
@@ -13,6 +15,7 @@ the group of the PID it started, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,18 +25,37 @@ from pathlib import Path
 
 from tests.support.mosquitto import free_port
 
-__all__ = ["KSERVE_PYTHON_ENV", "ServerProcess", "kserve_python", "start_kserve"]
+__all__ = [
+    "KSERVE_PYTHON_ENV",
+    "ROBOFLOW_PYTHON_ENV",
+    "ServerProcess",
+    "kserve_python",
+    "roboflow_python",
+    "start_kserve",
+    "start_roboflow",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 KSERVE_PYTHON_ENV = "SEGSTREAM_KSERVE_PYTHON"
 KSERVE_SCRIPT = REPO / "tests" / "support" / "kserve_server.py"
+ROBOFLOW_PYTHON_ENV = "SEGSTREAM_ROBOFLOW_PYTHON"
+ROBOFLOW_SCRIPT = REPO / "tests" / "support" / "roboflow_server.py"
+
+
+def _python(variable: str, venv: str) -> Path | None:
+    configured = os.environ.get(variable)
+    candidate = Path(configured) if configured else REPO / venv / "bin" / "python"
+    return candidate if candidate.is_file() else None
 
 
 def kserve_python() -> Path | None:
     """The interpreter with PyTriton and ONNX Runtime, or None when it is not installed."""
-    configured = os.environ.get(KSERVE_PYTHON_ENV)
-    candidate = Path(configured) if configured else REPO / ".venv-kserve" / "bin" / "python"
-    return candidate if candidate.is_file() else None
+    return _python(KSERVE_PYTHON_ENV, ".venv-kserve")
+
+
+def roboflow_python() -> Path | None:
+    """The interpreter with ``inference-cpu[http]``, or None when it is not installed."""
+    return _python(ROBOFLOW_PYTHON_ENV, ".venv-roboflow")
 
 
 class ServerProcess:
@@ -80,19 +102,15 @@ class ServerProcess:
         process = self.process
         if process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout)
-        try:  # children that outlived their parent
+        with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process = None
 
     def stop(self) -> None:
@@ -146,5 +164,37 @@ def start_kserve(
     return server
 
 
+def start_roboflow(
+    tmp_path: Path,
+    *,
+    model: Path,
+    model_id: str,
+    stall_file: Path | None = None,
+    port: int | None = None,
+) -> ServerProcess:
+    """Start the Roboflow inference server serving ``model`` as the local package ``model_id``.
+
+    Raises:
+        RuntimeError: ``inference-cpu`` is not installed (see ``roboflow_python``), or no start.
+    """
+    python = roboflow_python()
+    if python is None:
+        raise RuntimeError(
+            "no inference-cpu environment: run scripts/install-remote-servers.sh --roboflow or set "
+            f"${ROBOFLOW_PYTHON_ENV}"
+        )
+    http = port or free_port()
+    workdir = tmp_path / f"roboflow-{http}"
+    argv = [str(python), str(ROBOFLOW_SCRIPT), "--model", str(model), "--workdir", str(workdir)]
+    argv += ["--model-id", model_id, "--port", str(http)]
+    if stall_file is not None:
+        argv += ["--stall-file", str(stall_file)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(argv, http, tmp_path / f"roboflow-{http}.log")
+    server.start(timeout=300.0)
+    return server
+
+
 if __name__ == "__main__":  # pragma: no cover - a manual check: python -m tests.support.servers
     print(kserve_python() or "PyTriton environment not installed", file=sys.stderr)
+    print(roboflow_python() or "inference-cpu environment not installed", file=sys.stderr)

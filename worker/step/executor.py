@@ -29,7 +29,8 @@ from worker.frame import Frame
 from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.config import ModelRuntimeConfig
 from worker.models.registry import ModelRegistry
-from worker.models.remote.hold import infer_holding
+from worker.models.remote.hold import detect_holding, infer_holding
+from worker.models.remote.roboflow import RemoteStepBackend
 from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
 from worker.step.parameters import DEFAULT_CONFIDENCE, ResolvedStepParameters
@@ -255,7 +256,7 @@ class WorkflowRunner:
         step_values: list[dict[str, dict[str, Any]]] = [{} for _ in frames]
         model_seconds = 0.0
         post_seconds = 0.0
-        raw_cache: dict[tuple[str, int], RawSegmentation | SegstreamError] = {}
+        raw_cache: dict[tuple[str, int], RawSegmentation | Detections | SegstreamError] = {}
         for step in self._steps:
             resolved: dict[int, tuple[ResolvedStepParameters, SegmentationBackend, PostprocessParams]] = {}
             for i, outcome in enumerate(outcomes):
@@ -274,7 +275,14 @@ class WorkflowRunner:
                     by_model.setdefault(params.model_id, []).append(i)
             for model_id, indices in by_model.items():
                 started = time.perf_counter()
-                raws = self._infer(self._models[model_id], [frames[i] for i in indices])
+                model = self._models[model_id]
+                if isinstance(model, RemoteStepBackend):  # the server runs the step: per step
+                    step_params = [resolved[i][0] for i in indices]
+                    raws = detect_holding(
+                        model, [frames[i] for i in indices], step_params, self._held_sources
+                    )
+                else:
+                    raws = self._infer(model, [frames[i] for i in indices])
                 model_seconds += time.perf_counter() - started
                 for i, raw in zip(indices, raws, strict=True):
                     raw_cache[(model_id, i)] = raw
@@ -285,7 +293,10 @@ class WorkflowRunner:
                     outcomes[i].error = raw
                     continue
                 try:
-                    detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
+                    if isinstance(raw, Detections):
+                        detections = raw
+                    else:
+                        detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
                     predictions = serialize_predictions(
                         detections,
                         model.class_names,
@@ -308,6 +319,9 @@ class WorkflowRunner:
                     outcomes[i].inference_id = inference_id
                     outcomes[i].model_id = params.model_id
             post_seconds += time.perf_counter() - started
+            # a server that runs the whole step answered for this step's parameters only
+            for key in [k for k in raw_cache if isinstance(self._models[k[0]], RemoteStepBackend)]:
+                del raw_cache[key]
         for i, outcome in enumerate(outcomes):
             if outcome.error is None:
                 outcome.outputs = self._assemble(step_values[i])

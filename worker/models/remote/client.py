@@ -32,9 +32,10 @@ import random
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -98,8 +99,10 @@ def redact_url(url: str) -> str:
 class RemoteMetrics:
     """The ``segstream_remote_*`` collectors, on the worker's Prometheus registry (one per worker)."""
 
-    _by_registry: dict[int, RemoteMetrics] = {}
-    _lock = threading.Lock()
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, RemoteMetrics]] = (
+        weakref.WeakKeyDictionary()
+    )
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         r = registry if registry is not None else CollectorRegistry()
@@ -133,10 +136,10 @@ class RemoteMetrics:
     def for_registry(cls, registry: CollectorRegistry) -> RemoteMetrics:
         """The collectors on ``registry``, created once (several models can share a worker)."""
         with cls._lock:
-            metrics = cls._by_registry.get(id(registry))
+            metrics = cls._by_registry.get(registry)
             if metrics is None:
                 metrics = cls(registry)
-                cls._by_registry[id(registry)] = metrics
+                cls._by_registry[registry] = metrics
             return metrics
 
 
@@ -146,11 +149,18 @@ class RemoteClient:
     Args:
         config: the ``model`` section (url, timeout, concurrency, retries, breaker, key, TLS).
         health_path: what the breaker probes while open (``/v2/health/ready`` for KServe v2).
+        bearer: send the API key as ``Authorization: Bearer`` (KServe v2); the Roboflow API takes it
+            in the request instead (:attr:`api_key`).
         rng: random source of the backoffs (tests pass a seeded one).
     """
 
     def __init__(
-        self, config: RemoteModelConfig, *, health_path: str, rng: random.Random | None = None
+        self,
+        config: RemoteModelConfig,
+        *,
+        health_path: str,
+        bearer: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.base_url = config.url.rstrip("/")
@@ -158,8 +168,9 @@ class RemoteClient:
         self._health_path = health_path
         self._rng = rng or random.Random()
         key = config.api_key()
+        self.api_key = key
         self._headers: dict[str, str] = {}
-        if key is not None:
+        if key is not None and bearer:
             self._headers["Authorization"] = f"Bearer {key.get_secret_value()}"
         self._ssl = _ssl_context(config)
         self.metrics = RemoteMetrics(None)
@@ -286,12 +297,12 @@ class RemoteClient:
                 continue
             if response.status >= 400:
                 self._count_error(f"http_{response.status}")
+                text = response.body[:300].decode("utf-8", "replace")
                 if response.status in _RETRY_STATUS:
                     if not probe:
                         self._failed()
-                    raise ServerUnavailableError(f"{self.server}{path}: HTTP {response.status}")
+                    raise ServerUnavailableError(f"{self.server}{path}: HTTP {response.status}: {text}")
                 self._succeeded()  # the server is there; the request was wrong
-                text = response.body[:300].decode("utf-8", "replace")
                 raise RemoteError(f"{self.server}{path}: HTTP {response.status}: {text}")
             self._succeeded()
             return response

@@ -86,6 +86,12 @@ class RemoteModelConfig(_Strict):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     api_key_file: Path | None = None
     tls: RemoteTlsConfig | None = None
+    image_format: Literal["png", "jpeg"] = Field(
+        "png",
+        description="roboflow: how frames are sent (png: lossless, the server sees segstream's pixels; "
+        "jpeg: about 10x fewer bytes, detections move by the compression)",
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="roboflow, image_format jpeg")
     models_dir: Path | None = Field(None, description="where the model's package (metadata) is found")
     input_size: tuple[int, int] | None = Field(None, description="kserve_v2: letterbox size (h, w)")
 

@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from worker.errors import SegstreamError
 from worker.frame import Frame
 from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.remote.client import RemoteError
 from worker.sources.base import Backoff
+from worker.step.detections import Detections
+from worker.step.parameters import ResolvedStepParameters
 
-__all__ = ["HoldsForServer", "infer_holding"]
+if TYPE_CHECKING:
+    from worker.models.remote.roboflow import RemoteStepBackend
+
+__all__ = ["HoldsForServer", "detect_holding", "infer_holding"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +62,49 @@ def infer_holding(
     Raises:
         ModelError, ValueError: what ``infer`` raises for anything but a server failure.
     """
+
+    def run(indices: Sequence[int]) -> list[RawSegmentation | SegstreamError]:
+        return list(model.infer([frames[i].image for i in indices]))
+
+    return _holding(model, frames, held_sources, run)
+
+
+def detect_holding(
+    model: RemoteStepBackend,
+    frames: Sequence[Frame],
+    params: Sequence[ResolvedStepParameters],
+    held_sources: Collection[str],
+) -> list[Detections | SegstreamError]:
+    """``model.detect`` per group of frames with equal parameters, holding as :func:`infer_holding`."""
+    groups: dict[ResolvedStepParameters, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p, []).append(i)
+    results: list[Detections | SegstreamError | None] = [None] * len(frames)
+    for group_params, indices in groups.items():
+        group = [frames[i] for i in indices]
+
+        def run(
+            sub: Sequence[int], group: list[Frame] = group, p: ResolvedStepParameters = group_params
+        ) -> list[Detections | SegstreamError]:
+            return model.detect([group[j].image for j in sub], p)
+
+        for i, result in zip(indices, _holding(model, group, held_sources, run), strict=True):
+            results[i] = result
+    return [r for r in results if r is not None]
+
+
+def _holding(
+    model: Any,
+    frames: Sequence[Frame],
+    held_sources: Collection[str],
+    run: Callable[[Sequence[int]], list[_T]],
+) -> list[_T | SegstreamError]:
+    everything = list(range(len(frames)))
     try:
-        return list(model.infer([f.image for f in frames]))
+        return list(run(everything))
     except RemoteError as exc:
         failure = exc
-    results: list[RawSegmentation | SegstreamError] = [_copy(failure, model) for _ in frames]
+    results: list[_T | SegstreamError] = [_copy(failure, model) for _ in frames]
     pending = [i for i, frame in enumerate(frames) if frame.source_id in held_sources]
     if not pending or not isinstance(model, HoldsForServer):
         return results
@@ -69,20 +114,20 @@ def infer_holding(
         if not model.wait_available(_WAIT_SLICE_S):
             continue
         try:
-            raws = model.infer([frames[i].image for i in pending])
+            outputs = run(pending)
         except RemoteError as exc:
             failure = exc
             time.sleep(backoff.next_delay())  # the server is back but failing: do not spin on it
             continue
-        for i, raw in zip(pending, raws, strict=True):
-            results[i] = raw
+        for i, output in zip(pending, outputs, strict=True):
+            results[i] = output
         return results
     for i in pending:
         results[i] = _copy(failure, model)
     return results
 
 
-def _copy(exc: RemoteError, model: SegmentationBackend) -> RemoteError:
+def _copy(exc: RemoteError, model: Any) -> RemoteError:
     error = type(exc)(str(exc), model_id=model.model_id)
     error.reason = exc.reason
     return error

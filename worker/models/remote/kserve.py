@@ -228,7 +228,12 @@ class KServeV2Backend(LetterboxedBackend):
             if requested is not None and tuple(requested) != fixed:
                 raise ModelError(f"{self._source}: the server's input is fixed at {list(fixed)}")
             if fixed != self.metadata.input_size:
-                log.info("%s: the server runs %s, the package says %s", self._source, fixed, self.metadata.input_size)
+                log.info(
+                    "%s: the server runs %s, the package says %s",
+                    self._source,
+                    fixed,
+                    self.metadata.input_size,
+                )
             return fixed
         height, width = requested or self.metadata.input_size
         stride = self.metadata.stride
