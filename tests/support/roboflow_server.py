@@ -2,7 +2,7 @@
 HTTP API (``inference-cpu`` from PyPI) serving a segstream model package as a *local* model package.
 
 Run with the Python that has ``inference-cpu`` (its own virtual environment, ``.venv-roboflow``;
-``scripts/install-remote-servers.sh --roboflow`` makes it)::
+``scripts/install-remote-servers.sh`` makes it)::
 
     .venv-roboflow/bin/python tests/support/roboflow_server.py \
         --model worker/bundled_models/factory-parts/1 --workdir /tmp/rf --model-id factory-parts/1 \

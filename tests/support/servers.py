@@ -180,7 +180,7 @@ def start_roboflow(
     python = roboflow_python()
     if python is None:
         raise RuntimeError(
-            "no inference-cpu environment: run scripts/install-remote-servers.sh --roboflow or set "
+            "no inference-cpu environment: run scripts/install-remote-servers.sh or set "
             f"${ROBOFLOW_PYTHON_ENV}"
         )
     http = port or free_port()
