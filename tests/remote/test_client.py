@@ -155,7 +155,7 @@ def test_the_api_key_is_sent_as_a_bearer_token_and_never_logged(
 
     async def infer(request: web.Request) -> web.Response:
         seen.append(request.headers.get("Authorization", ""))
-        return web.Response(status=401, text="who are you")
+        return web.Response(status=401, text=f"who is {secret}?")  # a server that echoes the key
 
     app = web.Application()
     app.router.add_post("/infer", infer)
@@ -169,7 +169,7 @@ def test_the_api_key_is_sent_as_a_bearer_token_and_never_logged(
         finally:
             client.close()
     assert seen == [f"Bearer {secret}"]
-    assert secret not in str(info.value)
+    assert secret not in str(info.value) and "who is ***?" in str(info.value)
     assert secret not in caplog.text
     assert secret not in repr(config) and secret not in config.model_dump_json()
     key_file = tmp_path / "key"

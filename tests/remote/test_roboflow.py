@@ -27,7 +27,7 @@ from worker.models.config import OnnxRuntimeConfig, RemoteModelConfig
 from worker.models.evaluation import iter_frames
 from worker.models.registry import BUNDLED_MODELS_DIR, ModelRegistry
 from worker.models.remote import bind_remote
-from worker.models.remote.roboflow import decode_rle
+from worker.models.remote.roboflow import decode_rle, rle_to_crop
 from worker.step.executor import WorkflowRunner
 from worker.step.rle import encode_crop
 from worker.step.workflow import load_workflow
@@ -39,6 +39,7 @@ def _remote(url: str, **fields: Any) -> RemoteModelConfig:
         "protocol": "roboflow",
         "url": url,
         "timeout_s": 120,
+        "image_format": "png",  # lossless: the server sees the pixels the local step sees
         "retry_backoff_s": (0.01, 0.05),
         "probe_interval_s": (0.05, 0.5),
     }
@@ -71,6 +72,11 @@ def test_decode_rle_inverts_the_step_encoder() -> None:
     crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     rle = encode_crop(crop, (int(xs.min()), int(ys.min())), mask.shape)
     np.testing.assert_array_equal(decode_rle(rle["counts"], rle["size"]), mask)
+    got, offset = rle_to_crop(rle["counts"], rle["size"])
+    assert offset == (int(xs.min()), int(ys.min()))
+    np.testing.assert_array_equal(got, crop)
+    empty, _ = rle_to_crop(encode_crop(np.zeros((0, 0), bool), (0, 0), (4, 5))["counts"], (4, 5))
+    assert empty.size == 0
     with pytest.raises(ValueError, match="add up"):
         decode_rle(rle["counts"], (37, 54))
 

@@ -30,7 +30,7 @@ from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.config import ModelRuntimeConfig
 from worker.models.registry import ModelRegistry
 from worker.models.remote.hold import detect_holding, infer_holding
-from worker.models.remote.roboflow import RemoteStepBackend
+from worker.models.remote.step_backend import RemoteStepBackend
 from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
 from worker.step.parameters import DEFAULT_CONFIDENCE, ResolvedStepParameters

@@ -297,7 +297,7 @@ class RemoteClient:
                 continue
             if response.status >= 400:
                 self._count_error(f"http_{response.status}")
-                text = response.body[:300].decode("utf-8", "replace")
+                text = self._redact(response.body[:300].decode("utf-8", "replace"))
                 if response.status in _RETRY_STATUS:
                     if not probe:
                         self._failed()
@@ -348,6 +348,12 @@ class RemoteClient:
             if result.status < 400:
                 self.metrics.latency.labels(self.server).observe(time.perf_counter() - started)
             return result
+
+    def _redact(self, text: str) -> str:
+        """A server's error text without the API key (a server may echo the request)."""
+        if self.api_key is not None:
+            text = text.replace(self.api_key.get_secret_value(), "***")
+        return text
 
     def _count_error(self, kind: str) -> None:
         self.metrics.errors.labels(self.server, kind).inc()

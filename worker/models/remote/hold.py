@@ -24,11 +24,11 @@ from worker.frame import Frame
 from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.remote.client import RemoteError
 from worker.sources.base import Backoff
-from worker.step.detections import Detections
-from worker.step.parameters import ResolvedStepParameters
 
 if TYPE_CHECKING:
-    from worker.models.remote.roboflow import RemoteStepBackend
+    from worker.models.remote.step_backend import RemoteStepBackend
+    from worker.step.detections import Detections
+    from worker.step.parameters import ResolvedStepParameters
 
 __all__ = ["HoldsForServer", "detect_holding", "infer_holding"]
 

@@ -3,8 +3,9 @@
 The server (the ``inference`` package, ``inference-cpu`` on PyPI; what the reference block's remote
 mode speaks) runs the whole model: pre-processing, inference, NMS, mask decoding. So this backend is
 not a :class:`~worker.models.backend.SegmentationBackend` (no raw outputs): it is a
-:class:`RemoteStepBackend`, which the step calls with the frames *and* their resolved parameters and
-which returns each frame's :class:`~worker.step.detections.Detections`. The step serializes those as
+``RemoteStepBackend`` (``worker.models.remote.step_backend``), which the step calls with the frames
+*and* their resolved parameters and which returns each frame's
+:class:`~worker.step.detections.Detections`. The step serializes those as
 for a local model, so the outputs are the same shape, ids and rounding (``rle_mask`` where the
 server's response says ``rle``; ``points`` polygons for v1-v3).
 
@@ -31,50 +32,24 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import cv2
 import numpy as np
 
 from worker.errors import ModelError, SegstreamError
 from worker.models.backend import BackendInfo
-from worker.models.package import ModelMetadata, load_model_metadata
+from worker.models.package import load_model_metadata
 from worker.models.remote.client import RemoteClient, RemoteError, bind_client
 from worker.models.remote.config import RemoteModelConfig
 from worker.step.detections import Detections, MaskCrops
 from worker.step.parameters import ResolvedStepParameters
 
-__all__ = ["RemoteStepBackend", "RoboflowBackend", "decode_rle", "request_parameters"]
+__all__ = ["RoboflowBackend", "decode_rle", "request_parameters", "rle_to_crop"]
 
 log = logging.getLogger(__name__)
 
 _INFER_PATH = "/infer/instance_segmentation"
-
-
-@runtime_checkable
-class RemoteStepBackend(Protocol):
-    """A model that runs the whole step on a server: frames and parameters in, detections out."""
-
-    model_id: str | None
-    metadata: ModelMetadata
-
-    @property
-    def class_names(self) -> tuple[str, ...]: ...
-
-    @property
-    def info(self) -> BackendInfo: ...
-
-    def detect(
-        self, images: Sequence[np.ndarray], params: ResolvedStepParameters
-    ) -> list[Detections | SegstreamError]:
-        """Each frame's detections (or its own error), in order.
-
-        Raises:
-            RemoteError: the server failed the whole request (unreachable, timeout, 5xx).
-        """
-        ...
-
-    def close(self) -> None: ...
 
 
 def request_parameters(params: ResolvedStepParameters) -> dict[str, Any]:
@@ -128,16 +103,38 @@ def decode_rle(counts: str, size: Sequence[int]) -> np.ndarray:
     return flat.reshape((width, height)).T
 
 
-def _crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+def rle_to_crop(counts: str, size: Sequence[int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """A COCO compressed RLE string to the mask's bounding crop and its ``(x0, y0)`` offset.
+
+    Only the columns the mask touches are laid out (the runs are column-major), so a small instance
+    in a large frame costs its box, not the frame.
+
+    Raises:
+        ValueError: the runs do not add up to ``h * w``.
+    """
+    mask = decode_rle(counts, size)  # a transposed view of the column-major runs
+    columns = np.flatnonzero(mask.any(axis=0))
+    if len(columns) == 0:
         return np.zeros((0, 0), bool), (0, 0)
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    x0, x1 = int(columns[0]), int(columns[-1]) + 1
+    block = mask[:, x0:x1]
+    rows = np.flatnonzero(block.any(axis=1))
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    return np.ascontiguousarray(block[y0:y1]), (x0, y0)
+
+
+def _crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    columns = np.flatnonzero(mask.any(axis=0))
+    if len(columns) == 0:
+        return np.zeros((0, 0), bool), (0, 0)
+    x0, x1 = int(columns[0]), int(columns[-1]) + 1
+    rows = np.flatnonzero(mask[:, x0:x1].any(axis=1))
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
     return np.ascontiguousarray(mask[y0:y1, x0:x1]), (x0, y0)
 
 
 class RoboflowBackend:
-    """A :class:`RemoteStepBackend` on a Roboflow inference server.
+    """A ``RemoteStepBackend`` on a Roboflow inference server.
 
     Args:
         path: the local package (class names, recommended thresholds: the step's ``best`` mode
@@ -206,7 +203,7 @@ class RoboflowBackend:
     def detect(
         self, images: Sequence[np.ndarray], params: ResolvedStepParameters
     ) -> list[Detections | SegstreamError]:
-        """One request for the frames with these parameters; see :class:`RemoteStepBackend`."""
+        """One request for the frames with these parameters (``RemoteStepBackend.detect``)."""
         if self._closed:
             raise ModelError(f"{self._source}: the model was closed", model_id=self.model_id)
         if not images:
@@ -282,14 +279,13 @@ class RoboflowBackend:
                     rle = json.loads(rle.replace("'", '"'))
                 if [int(v) for v in rle["size"]] != [height, width]:
                     raise ValueError(f"RLE size {rle['size']} is not the frame's {[height, width]}")
-                mask = decode_rle(str(rle["counts"]), rle["size"])
+                crop, offset = rle_to_crop(str(rle["counts"]), rle["size"])
             else:
                 mask = np.zeros((height, width), np.uint8)
                 points = np.array([[p["x"], p["y"]] for p in prediction.get("points", [])], np.float64)
                 if len(points) >= 3:
                     cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 1)
-                mask = mask.astype(bool)
-            crop, offset = _crop(mask)
+                crop, offset = _crop(mask.astype(bool))
             boxes.append((x - w / 2, y - h / 2, x + w / 2, y + h / 2))
             scores.append(float(prediction["confidence"]))
             classes.append(self.metadata.class_names.index(name))
