@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydantic import BaseModel
 
@@ -85,7 +86,9 @@ def _load_remote(path: Path, model_id: str | None, config: BaseModel) -> Segment
     from worker.models.remote import load_remote
 
     assert isinstance(config, RemoteModelConfig)
-    return load_remote(path, model_id, config)
+    # protocol roboflow gives a RemoteStepBackend (the server runs the whole step), which the step
+    # tells apart with isinstance (worker.models.remote.step_backend); the table's type is the seam's
+    return cast(SegmentationBackend, load_remote(path, model_id, config))
 
 
 @dataclass(frozen=True, slots=True)

@@ -276,6 +276,7 @@ class WorkflowRunner:
             for model_id, indices in by_model.items():
                 started = time.perf_counter()
                 model = self._models[model_id]
+                raws: Sequence[RawSegmentation | Detections | SegstreamError]
                 if isinstance(model, RemoteStepBackend):  # the server runs the step: per step
                     step_params = [resolved[i][0] for i in indices]
                     raws = detect_holding(
@@ -284,8 +285,8 @@ class WorkflowRunner:
                 else:
                     raws = self._infer(model, [frames[i] for i in indices])
                 model_seconds += time.perf_counter() - started
-                for i, raw in zip(indices, raws, strict=True):
-                    raw_cache[(model_id, i)] = raw
+                for i, output in zip(indices, raws, strict=True):
+                    raw_cache[(model_id, i)] = output
             started = time.perf_counter()
             for i, (params, model, post) in resolved.items():
                 raw = raw_cache[(params.model_id, i)]

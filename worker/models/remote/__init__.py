@@ -20,13 +20,16 @@ from typing import Any
 
 from worker.models.backend import SegmentationBackend
 from worker.models.remote.config import RemoteModelConfig
+from worker.models.remote.step_backend import RemoteStepBackend
 
 __all__ = ["RemoteModelConfig", "bind_remote", "load_remote"]
 
 log = logging.getLogger(__name__)
 
 
-def load_remote(path: Path, model_id: str | None, config: RemoteModelConfig) -> SegmentationBackend:
+def load_remote(
+    path: Path, model_id: str | None, config: RemoteModelConfig
+) -> SegmentationBackend | RemoteStepBackend:
     """The remote backend of ``config.protocol`` for the package at ``path`` (its metadata).
 
     Raises:
