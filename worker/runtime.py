@@ -36,7 +36,7 @@ from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport, FrameResult
 from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
-from worker.models.remote import bind_remote
+from worker.models.remote import bind_remote, release_remote
 from worker.preview import PreviewHub
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideoWriter, RunSummary
@@ -198,6 +198,7 @@ class Worker:
             for task in (stop_wait, heartbeat, *([control] if control else [])):
                 with suppress(asyncio.CancelledError):
                     await task
+        release_remote(self.runner.models.values())  # batches still waiting for a server give up
         self._model_pool.shutdown(wait=False)
         self._decode_pool.shutdown(wait=False)
         self.preview.close()

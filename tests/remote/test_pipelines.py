@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -153,3 +154,49 @@ def test_a_worker_holds_every_frame_through_a_server_outage(
             worker.wait(30)
     numbers = sorted(line["frame_number"] for line in results())
     assert numbers == list(range(count))  # every frame, once
+
+
+def test_sigterm_while_frames_wait_for_a_dead_server_exits_after_the_grace_time(
+    fresh_triton: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = fresh_triton()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, image in enumerate(iter_frames(CLIP, every=10, limit=12)):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), image)
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    pipeline = yaml.safe_load((REPO / "pipelines" / "remote-kserve.yaml").read_text())
+    pipeline["sources"] = [{"type": "images", "id": "belt", "path": str(frames), "fps": 4}]
+    pipeline["sinks"] = [{"type": "jsonl", "path": str(out)}]
+    pipeline["http"] = {"host": "127.0.0.1", "port": port}
+    pipeline["model"] |= {"url": server.url, "breaker_failures": 1}
+    pipeline["shutdown_grace_s"] = 2
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run", str(path)],
+            cwd=tmp_path,
+            env=os.environ | {"PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        _poll(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, "the first results")
+        server.kill()  # for good
+        available = 'segstream_remote_available{server="' + server.url + '"} 0.0'
+        _poll(lambda: available in _get(f"http://127.0.0.1:{port}/metrics")[1], "the breaker to open")
+        worker.send_signal(signal.SIGTERM)
+        try:
+            code = worker.wait(120)  # the held batch does not keep the process alive
+        except subprocess.TimeoutExpired:
+            worker.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack into the log
+            worker.wait(30)
+            raise AssertionError((tmp_path / "worker.log").read_text()[-8000:]) from None
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(30)
+    assert code == 1, (tmp_path / "worker.log").read_text()[-3000:]  # in-flight frames not finished
+    assert "not finished within the grace time" in (tmp_path / "worker.log").read_text()

@@ -15,6 +15,7 @@ reason while the server is down, ``every_frame`` frames held).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from worker.models.backend import SegmentationBackend
 from worker.models.remote.config import RemoteModelConfig
 from worker.models.remote.step_backend import RemoteStepBackend
 
-__all__ = ["RemoteModelConfig", "bind_remote", "load_remote"]
+__all__ = ["RemoteModelConfig", "bind_remote", "load_remote", "release_remote"]
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +67,19 @@ def bind_remote(model: object, metrics: Any, health: Any, model_id: str) -> None
             health.set_model_loaded(available)
 
     bind(getattr(metrics, "registry", None), on_available)
+
+
+def release_remote(models: Iterable[object]) -> None:
+    """Close the remote models at the worker's exit: batches still waiting for a server give up.
+
+    The worker calls it once its shutdown grace time is over (``worker.models.remote.hold``: frames
+    of ``every_frame`` sources wait for an unavailable server; the model pool's threads are joined at
+    interpreter exit, so they must stop waiting). Local models are left alone.
+    """
+    from worker.models.remote.hold import HoldsForServer
+
+    for model in models:
+        if isinstance(model, HoldsForServer):
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()

@@ -7,7 +7,8 @@ timeout, 5xx) is not the frames' fault, so the batch is not split into per-frame
 report, so none is lost silently. Frames of *held* sources (``every_frame``) wait in the model
 thread until the server is back (the breaker closes) and are then sent again: the model pool stops
 taking batches, the batcher stops, and those sources' bounded queues push back on their readers.
-Held frames are given up only when the backend is closed (shutdown), with the error's reason.
+Held frames are given up only when the backend is closed (the worker does at exit, after its shutdown
+grace time: ``worker.models.remote.release_remote``), with the error's reason.
 
 A local backend never raises ``RemoteError``: for it this is one ``infer`` call.
 """
@@ -110,6 +111,7 @@ def _holding(
         return results
     log.warning("%d frame(s) of held sources wait for the inference server: %s", len(pending), failure)
     backoff = Backoff(0.05, 2.0)
+    # the worker closes remote models when its shutdown grace time is over (release_remote)
     while not model.closed:
         if not model.wait_available(_WAIT_SLICE_S):
             continue
