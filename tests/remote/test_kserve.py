@@ -41,8 +41,6 @@ from worker.step.workflow import load_workflow
 REPO = Path(__file__).resolve().parents[2]
 CLIP = REPO / "worker" / "assets" / "demo_clip.mp4"
 
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
-
 
 def _remote(url: str, **fields: Any) -> RemoteModelConfig:
     values: dict[str, Any] = {
