@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench venv system clean
+.PHONY: demo test lint bench venv system remote-servers remote-servers-all clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,22 @@ venv: $(VENV)/.stamp-runtime
 system:
 	bash scripts/install-system-deps.sh
 
+## The inference servers of the remote-backend tests, each in its own venv. `make test` (and so CI)
+## installs Triton (.venv-kserve, ~450 MB, ~3 min); the Roboflow server (.venv-roboflow, ~7 GB, ~13 min:
+## inference-cpu pulls a CUDA build of torch) is by hand, `make remote-servers-all`: its tests skip without it.
+remote-servers:
+	bash scripts/install-remote-servers.sh kserve
+
+remote-servers-all:
+	bash scripts/install-remote-servers.sh kserve roboflow
+
 ## The main job on the embedded default: bundled model + bundled clip, no external service.
 demo: $(VENV)/.stamp-runtime
 	$(VENV)/bin/segstream run pipelines/demo.yaml
 
-## Everything the tests need (Python packages, mosquitto, GStreamer RTSP server), then the tests.
-test: $(VENV)/.stamp-test system
+## Everything the tests need (Python packages, mosquitto, GStreamer RTSP server, inference servers),
+## then the tests.
+test: $(VENV)/.stamp-test system remote-servers
 	$(PY) -m pytest
 
 lint: $(VENV)/.stamp-test
@@ -43,4 +53,4 @@ bench: $(VENV)/.stamp-test system
 	$(PY) -m benchmarks.train_step
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-kserve .venv-roboflow out .pytest_cache .ruff_cache

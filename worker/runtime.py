@@ -39,6 +39,7 @@ from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport
 from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
+from worker.models.remote import bind_remote, release_remote
 from worker.preview import PreviewHub
 from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
@@ -154,6 +155,8 @@ class Worker:
             log.info("model %s: %s", model_id, info.summary())
             self.metrics.model_loaded(model_id, info.backend, info.precision, info.requested, info.used)
         self.health.set_model_loaded(True)
+        for model_id, model in runner.models.items():
+            bind_remote(model, self.metrics, self.health, model_id)
         self.preview = PreviewHub(enabled=config.http.preview, max_fps=config.http.preview_fps)
         self.preview.set_sources([s.id for s in config.sources])
         self.summary = RunSummary()
@@ -223,7 +226,10 @@ class Worker:
         pool = BlockingPool("model", config.inference_threads)
         try:
             dirs = default_models_dirs(models_dir or config.model.models_dir)
-            runner = await pool.run(WorkflowRunner, workflow, ModelRegistry(dirs), model_config=config.model)
+            held = [s.id for s in config.sources if s.policy == "every_frame"]  # wait for a remote server
+            runner = await pool.run(
+                WorkflowRunner, workflow, ModelRegistry(dirs), model_config=config.model, held_sources=held
+            )
             return cls(config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks)
         except BaseException:
             pool.shutdown(wait=False)
@@ -330,6 +336,7 @@ class Worker:
             log.debug("worker failed", exc_info=exc)
             code = EXIT_FAILED
         finally:
+            release_remote(self.runner.models.values())  # batches still waiting for a server give up
             self._model_pool.shutdown(wait=False)
             self._decode_pool.shutdown(wait=False)
         self._log_totals(code)

@@ -162,7 +162,7 @@ def test_broken_package_shadowing_is_an_error_not_a_fallback(tmp_path: Path) -> 
 
 
 def test_backends_table_names_every_settings_class() -> None:
-    assert sorted(BACKENDS) == ["onnxruntime", "openvino"]
+    assert sorted(BACKENDS) == ["onnxruntime", "openvino", "remote"]
     for name, entry in BACKENDS.items():
         assert entry.config.model_fields["backend"].annotation.__args__ == (name,)  # type: ignore[union-attr]
 

@@ -32,12 +32,15 @@ from pydantic import (
     field_validator,
 )
 
+from worker.models.remote.config import RemoteModelConfig
+
 __all__ = [
     "DEFAULT_BACKEND",
     "ModelRuntimeConfig",
     "OnnxRuntimeConfig",
     "OpenVinoConfig",
     "ProviderConfig",
+    "RemoteModelConfig",
     "backend_of",
 ]
 
@@ -151,10 +154,12 @@ def backend_of(value: Any) -> str:
 
 #: the pipeline's ``model`` section: one settings class per backend, chosen by ``backend``
 ModelRuntimeConfig = Annotated[
-    Annotated[OnnxRuntimeConfig, Tag("onnxruntime")] | Annotated[OpenVinoConfig, Tag("openvino")],
+    Annotated[OnnxRuntimeConfig, Tag("onnxruntime")]
+    | Annotated[OpenVinoConfig, Tag("openvino")]
+    | Annotated[RemoteModelConfig, Tag("remote")],
     Discriminator(
         backend_of,
         custom_error_type="unknown_backend",
-        custom_error_message="model.backend must be one of: onnxruntime, openvino",
+        custom_error_message="model.backend must be one of: onnxruntime, openvino, remote",
     ),
 ]

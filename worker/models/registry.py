@@ -23,13 +23,14 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydantic import BaseModel
 
 from worker.errors import ModelError
 from worker.ids import model_id_problem, split_model_id
 from worker.models.backend import SegmentationBackend
-from worker.models.config import ModelRuntimeConfig, OnnxRuntimeConfig, OpenVinoConfig
+from worker.models.config import ModelRuntimeConfig, OnnxRuntimeConfig, OpenVinoConfig, RemoteModelConfig
 from worker.models.package import IR_WEIGHTS_FILE, ULTRALYTICS_METADATA_FILE, WEIGHTS_FILE
 
 __all__ = [
@@ -81,6 +82,15 @@ def _load_openvino(path: Path, model_id: str | None, config: BaseModel) -> Segme
     )
 
 
+def _load_remote(path: Path, model_id: str | None, config: BaseModel) -> SegmentationBackend:
+    from worker.models.remote import load_remote
+
+    assert isinstance(config, RemoteModelConfig)
+    # protocol roboflow gives a RemoteStepBackend (the server runs the whole step), which the step
+    # tells apart with isinstance (worker.models.remote.step_backend); the table's type is the seam's
+    return cast(SegmentationBackend, load_remote(path, model_id, config))
+
+
 @dataclass(frozen=True, slots=True)
 class BackendEntry:
     """One backend: its settings class and how a model is loaded with them."""
@@ -96,6 +106,9 @@ BACKENDS: dict[str, BackendEntry] = {
         OnnxRuntimeConfig, _load_onnxruntime, "ONNX Runtime (CPU, CUDA, TensorRT, OpenVINO EP, ...)"
     ),
     "openvino": BackendEntry(OpenVinoConfig, _load_openvino, "OpenVINO runtime (FP32, BF16, INT8)"),
+    "remote": BackendEntry(
+        RemoteModelConfig, _load_remote, "an inference server (KServe v2 / Triton, Roboflow inference)"
+    ),
 }
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,8 @@ from worker.frame import Frame
 from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.config import ModelRuntimeConfig
 from worker.models.registry import ModelRegistry
+from worker.models.remote.hold import detect_holding, infer_holding
+from worker.models.remote.step_backend import RemoteStepBackend
 from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
 from worker.step.parameters import DEFAULT_CONFIDENCE, ResolvedStepParameters
@@ -100,6 +102,8 @@ class WorkflowRunner:
             (default: ONNX Runtime with its defaults). The runner sees models only through the
             ``SegmentationBackend`` protocol.
         id_factory: makes inference and detection ids (uuid4 strings by default).
+        held_sources: sources whose frames wait for an unavailable inference server (``every_frame``
+            sources: backpressure) instead of failing with ``server_unavailable`` (live sources).
 
     Raises:
         ModelError: a model cannot be found or loaded.
@@ -113,8 +117,10 @@ class WorkflowRunner:
         *,
         model_config: ModelRuntimeConfig | None = None,
         id_factory: Callable[[], str] | None = None,
+        held_sources: Collection[str] = (),
     ) -> None:
         self.workflow = workflow
+        self._held_sources = frozenset(held_sources)
         self._registry = registry
         self._model_config = model_config
         self._new_id = id_factory or (lambda: str(uuid.uuid4()))
@@ -267,7 +273,7 @@ class WorkflowRunner:
         step_values: list[dict[str, dict[str, Any]]] = [{} for _ in frames]
         model_seconds = 0.0
         post_seconds = 0.0
-        raw_cache: dict[tuple[str, int], RawSegmentation | SegstreamError] = {}
+        raw_cache: dict[tuple[str, int], RawSegmentation | Detections | SegstreamError] = {}
         for step in self._steps:
             resolved: dict[int, tuple[ResolvedStepParameters, SegmentationBackend, PostprocessParams]] = {}
             for i, outcome in enumerate(outcomes):
@@ -286,10 +292,18 @@ class WorkflowRunner:
                     by_model.setdefault(params.model_id, []).append(i)
             for model_id, indices in by_model.items():
                 started = time.perf_counter()
-                raws = self._infer(self._models[model_id], [frames[i] for i in indices])
+                model = self._models[model_id]
+                raws: Sequence[RawSegmentation | Detections | SegstreamError]
+                if isinstance(model, RemoteStepBackend):  # the server runs the step: per step
+                    step_params = [resolved[i][0] for i in indices]
+                    raws = detect_holding(
+                        model, [frames[i] for i in indices], step_params, self._held_sources
+                    )
+                else:
+                    raws = self._infer(model, [frames[i] for i in indices])
                 model_seconds += time.perf_counter() - started
-                for i, raw in zip(indices, raws, strict=True):
-                    raw_cache[(model_id, i)] = raw
+                for i, output in zip(indices, raws, strict=True):
+                    raw_cache[(model_id, i)] = output
             started = time.perf_counter()
             for i, (params, model, post) in resolved.items():
                 raw = raw_cache[(params.model_id, i)]
@@ -297,7 +311,10 @@ class WorkflowRunner:
                     outcomes[i].error = raw
                     continue
                 try:
-                    detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
+                    if isinstance(raw, Detections):
+                        detections = raw
+                    else:
+                        detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
                     predictions = serialize_predictions(
                         detections,
                         model.class_names,
@@ -320,6 +337,9 @@ class WorkflowRunner:
                     outcomes[i].inference_id = inference_id
                     outcomes[i].model_id = params.model_id
             post_seconds += time.perf_counter() - started
+            # a server that runs the whole step answered for this step's parameters only
+            for key in [k for k in raw_cache if isinstance(self._models[k[0]], RemoteStepBackend)]:
+                del raw_cache[key]
         for i, outcome in enumerate(outcomes):
             if outcome.error is None:
                 outcome.outputs = self._assemble(step_values[i])
@@ -332,9 +352,13 @@ class WorkflowRunner:
     def _infer(
         self, model: SegmentationBackend, frames: Sequence[Frame]
     ) -> list[RawSegmentation | SegstreamError]:
-        """The batch in one run; if that fails, frame by frame so one bad frame fails alone."""
+        """The batch in one run; if that fails, frame by frame so one bad frame fails alone.
+
+        A remote backend's server failure is not the frames' fault: the batch is not split, held
+        sources' frames wait for the server (``worker.models.remote.hold``), the others fail.
+        """
         try:
-            return list(model.infer([f.image for f in frames]))
+            return list(infer_holding(model, frames, self._held_sources))
         except (ModelError, ValueError) as batch_error:
             if len(frames) == 1:
                 return [_inference_error(batch_error, model)]
