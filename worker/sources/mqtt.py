@@ -386,6 +386,7 @@ def _incoming_queue(
                 except asyncio.QueueFull:
                     overflow.sealed = True
             if item.qos == 0:
+                telemetry.frame_received(source_id)  # received and lost: the identity stays whole
                 telemetry.frame_dropped(source_id, "mqtt_queue_full")
             else:
                 overflow.held_back += 1
