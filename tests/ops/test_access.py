@@ -250,7 +250,7 @@ async def test_a_worker_bound_beyond_loopback_guards_its_preview(
         models_dir=make_models_dir(tmp_path / "models"),
         http={"host": "0.0.0.0", "port": 0, "preview": True},
     )
-    worker = Worker(config)
+    worker = await Worker.create(config)
     async with running(worker), aiohttp.ClientSession() as session:
         base = f"http://127.0.0.1:{worker.http_port}"
         assert await _status(session, base + "/readyz") == 200  # probes stay open

@@ -65,7 +65,7 @@ async def test_every_frame_read_is_processed_dropped_or_skipped(tmp_path: Path) 
         http={"enabled": False},
     )
     memory = MemorySink()
-    worker = Worker(config, extra_sinks=[memory])
+    worker = await Worker.create(config, extra_sinks=[memory])
     code = await asyncio.wait_for(worker.run(), timeout=90)
     assert code == 0
 

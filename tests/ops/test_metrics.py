@@ -18,6 +18,7 @@ from worker.ops.health import HealthState
 from worker.ops.metrics import METRICS, OTHER, Metrics
 from worker.telemetry import (
     DROP_REASONS,
+    ERROR_REASONS,
     LOSS_REASONS,
     REASON_HELP,
     SKIP_REASONS,
@@ -45,6 +46,7 @@ REQUIRED = {
     "segstream_reconnects": ("counter", {"target"}),
     "segstream_published_messages": ("counter", {"kind"}),
     "segstream_publish_errors": ("counter", {"reason"}),
+    "segstream_errors": ("counter", {"reason"}),
 }
 REASONED = {
     "segstream_frames_dropped_total": DROP_REASONS,
@@ -194,6 +196,18 @@ def test_series_exist_at_zero_for_declared_sources_and_every_reason() -> None:
         assert all(_value(families, name, source="cam9", reason=r) == 0 for r in reasons)
 
 
+def test_worker_errors_are_a_closed_set_at_zero_from_start_up() -> None:
+    m = Metrics("p")
+    families = _families(m.render()[0].decode())
+    assert {r: _value(families, "segstream_errors_total", reason=r) for r in ERROR_REASONS} == dict.fromkeys(
+        ERROR_REASONS, 0
+    )
+    m.error("stage_failed")
+    m.error("stage_failed")
+    families = _families(m.render()[0].decode())
+    assert _value(families, "segstream_errors_total", reason="stage_failed") == 2
+
+
 def test_an_undeclared_reason_is_counted_as_other_not_lost(caplog: pytest.LogCaptureFixture) -> None:
     m = Metrics("p", sources=["cam1"])
     m.frame_dropped("cam1", "made_up")  # type: ignore[arg-type]
@@ -249,6 +263,7 @@ def test_snapshot_keeps_plain_totals_per_source() -> None:
 
 def test_the_metric_table_is_what_the_registry_exports() -> None:
     m = Metrics("p", sources=["cam1"])
+    m.model_loaded("parts/1", "onnxruntime", "fp32", ["CPUExecutionProvider"], ["CPUExecutionProvider"])
     m.reconnect("broker")
     m.published("result")
     m.publish_error("timeout")
@@ -282,13 +297,19 @@ def test_the_telemetry_signatures_carry_the_closed_sets() -> None:
     assert get_args(hints["frame_skipped"]["reason"]) == SKIP_REASONS
     assert get_args(get_type_hints(Telemetry.result_lost)["reason"]) == LOSS_REASONS
     assert set(SKIP_REASONS) == {"max_fps", "stale"}
-    every = (*DROP_REASONS, *SKIP_REASONS, *LOSS_REASONS)
+    assert get_args(get_type_hints(Telemetry.error)["reason"]) == ERROR_REASONS
+    every = (*DROP_REASONS, *SKIP_REASONS, *LOSS_REASONS, *ERROR_REASONS)
     assert len(set(every)) == len(every)  # no reason in two sets
     assert set(REASON_HELP) == set(every)
 
 
 _WORKER = Path(__file__).resolve().parents[2] / "worker"
-_REASON_CALLS = {"frame_dropped": DROP_REASONS, "frame_skipped": SKIP_REASONS, "result_lost": LOSS_REASONS}
+_REASON_CALLS = {
+    "frame_dropped": DROP_REASONS,
+    "frame_skipped": SKIP_REASONS,
+    "result_lost": LOSS_REASONS,
+    "report_unprocessed": DROP_REASONS,
+}
 
 
 def _reasons_in_source() -> list[tuple[str, str, str]]:
@@ -326,6 +347,6 @@ def test_every_reason_the_code_uses_is_declared() -> None:
         assert reason in _REASON_CALLS[kind], f"{place}: {kind}({reason!r}) is not declared"
     # the reasons errors carry: those that reach a dropped frame are in the set; the rest never do
     # (SegstreamError's own "error" and the config/source/sink errors never cost a frame its result)
-    not_frame = {"error", "config_error", "source_error", "sink_error"}
+    not_frame = {"error", "config_error", "source_error", "sink_error", "quantization_refused"}
     frame_errors = {r for _, k, r in found if k == "error_reason"} - not_frame
     assert frame_errors <= set(DROP_REASONS), frame_errors - set(DROP_REASONS)
