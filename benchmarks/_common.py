@@ -35,8 +35,8 @@ import numpy as np
 from worker.config import PipelineConfig, read_document
 from worker.errors import ModelError, SinkError
 from worker.messages import ErrorReport, FrameResult
-from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
+from worker.ops.metrics import Metrics
 
 __all__ = [
     "DEFAULT_CLIP",

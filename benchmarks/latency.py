@@ -13,7 +13,7 @@ Set-up (everything real, on 127.0.0.1):
   the predictions topics: latency = receive time - the result's ``timestamp``.
 
 With enough cameras (or a 640 input) frames arrive faster than the worker processes them; the
-``latest`` queues must then drop stale frames (counted) so that latency stays flat: p99 within two
+``latest`` queues must then skip stale frames (counted) so that latency stays flat: p99 within two
 model times (mean model seconds per batch, from ``/metrics``) of p50, and the last 10 s window's
 p50 no more than one model time above the first's. Prints p50/p99 per 10 s window (by capture time)
 and the drops, per source and by reason.
@@ -178,8 +178,10 @@ def report(stats: Stats, metrics: dict[str, list[tuple[dict[str, str], float]]],
         f"post-processing {post_s * 1e3:.1f} ms/batch"
     )
     drops: dict[str, float] = defaultdict(float)
-    for labels, value in metrics.get("segstream_frames_dropped_total", []):
-        drops[f"{labels.get('source', '?')}/{labels.get('reason', '?')}"] += value
+    # faults (dropped) and policy skips (stale frames of the latest queues) both leave a frame unpredicted
+    for name in ("segstream_frames_dropped_total", "segstream_frames_skipped_total"):
+        for labels, value in metrics.get(name, []):
+            drops[f"{labels.get('source', '?')}/{labels.get('reason', '?')}"] += value
     for source, sent in sorted(stats.published.items()):
         got = sum(1 for fid in sent if fid in stats.received)
         print(f"  {source}: published {len(sent)}, predicted {got}, not predicted {len(sent) - got}")

@@ -54,7 +54,7 @@ from benchmarks._common import (
 )
 from worker import __version__
 from worker.config import PipelineConfig, read_document
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
 from worker.telemetry import Telemetry
 
 TARGET_OVERHEAD = 0.02

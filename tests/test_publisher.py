@@ -127,12 +127,12 @@ async def test_unprocessed_frames_get_one_report_each_and_count_as_dropped() -> 
     telemetry, sink = RecordingTelemetry(), MemorySink()
     publisher = _publisher([sink], telemetry, RunSummary())
     await publisher.start()
-    await publisher.report_unprocessed([_frame(3), _frame(4)], "shutdown_undelivered", "stopped")
+    await publisher.report_unprocessed([_frame(3), _frame(4)], "shutdown_unprocessed", "stopped")
     assert [(e.frame_id, e.reason) for e in sink.errors] == [
-        ("cam:3", "shutdown_undelivered"),
-        ("cam:4", "shutdown_undelivered"),
+        ("cam:3", "shutdown_unprocessed"),
+        ("cam:4", "shutdown_unprocessed"),
     ]
-    assert telemetry.dropped[("cam", "shutdown_undelivered")] == 2
+    assert telemetry.dropped[("cam", "shutdown_unprocessed")] == 2
     await publisher.aclose(1.0)
 
 

@@ -19,7 +19,7 @@ async def test_latest_drops_oldest_and_counts() -> None:
         await q.put(frame(n))
     assert [q.get_nowait().frame_number for _ in range(2)] == [3, 4]  # type: ignore[union-attr]
     assert q.get_nowait() is None
-    assert tel.dropped[("cam", "stale")] == 3
+    assert tel.skipped[("cam", "stale")] == 3
 
 
 async def test_every_frame_waits_for_room() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.http_server import HealthState
+from worker.ops.health import HealthState
 from worker.supervisor import Supervisor, describe_exception
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "read_document",
 ]
 
+HTTP_HOST_ENV = "SEGSTREAM_HTTP_HOST"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,13 +59,63 @@ class BatchingConfig(_Strict):
 
 
 class HttpConfig(_Strict):
-    """The aiohttp server for /metrics, /healthz, /readyz and the live preview."""
+    """The aiohttp server for /metrics, /healthz, /readyz and the live preview.
+
+    ``host`` defaults to ``$SEGSTREAM_HTTP_HOST``, else ``127.0.0.1`` (the container image sets
+    ``0.0.0.0``). Bound beyond loopback, the preview needs the token from ``preview_token_file``, else
+    ``$<preview_token_env>`` (``worker.ops.access`` says how it is presented).
+    """
 
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = Field(
+        default_factory=lambda: os.environ.get(HTTP_HOST_ENV) or "127.0.0.1",
+        min_length=1,
+        description="bind address (default: $SEGSTREAM_HTTP_HOST, else 127.0.0.1); "
+        "beyond loopback the preview needs a token",
+    )
     port: int = Field(9108, ge=0, le=65535)
     preview: bool = Field(False, description="serve the live preview page at /")
     preview_fps: float = Field(5.0, gt=0, le=30)
+    preview_token_env: str = Field("SEGSTREAM_PREVIEW_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    preview_token_file: Path | None = Field(None, description="e.g. a secret under /run/secrets")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="other origins (scheme://host[:port]) whose pages may open the preview WebSocket",
+    )
+    open_probes: bool = Field(True, description="/metrics, /healthz, /readyz need no token")
+    ready_sources: Literal["any", "all"] = Field(
+        "any", description="readiness needs at least one source alive (any) or every source (all)"
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/?#\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return value
+
+    def resolved_preview_token(self) -> str | None:
+        """The preview token from the file, else the environment; None when neither is set.
+
+        Raises:
+            ConfigError: the file cannot be read, or the token is shorter than 16 characters.
+        """
+        where = f"http.preview_token_file {self.preview_token_file}"
+        if self.preview_token_file is not None:
+            try:
+                token = self.preview_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}: {exc.strerror or exc}", field="http.preview_token_file") from exc
+        else:
+            where = f"${self.preview_token_env}"
+            token = os.environ.get(self.preview_token_env, "").strip()
+            if not token:
+                return None
+        if len(token) < 16:
+            raise ConfigError(f"the preview token in {where} must have at least 16 characters")
+        return token
 
 
 class ControlSender(_Strict):

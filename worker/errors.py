@@ -17,6 +17,11 @@ line with the ids kept as attributes) and go on with the next frame.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.telemetry import DropReason
+
 __all__ = [
     "ConfigError",
     "FrameDecodeError",
@@ -60,7 +65,7 @@ class SourceError(SegstreamError, OSError):
 class FrameDecodeError(SourceError, ValueError):
     """A frame payload could not be decoded, or was too large."""
 
-    reason = "decode_error"
+    reason: DropReason = "decode_error"
 
     def __init__(
         self,
@@ -68,7 +73,7 @@ class FrameDecodeError(SourceError, ValueError):
         *,
         source_id: str | None = None,
         frame_id: str | None = None,
-        reason: str = "decode_error",
+        reason: DropReason = "decode_error",
     ) -> None:
         super().__init__(message, source_id=source_id)
         self.frame_id = frame_id

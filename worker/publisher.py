@@ -37,7 +37,7 @@ from worker.recorder import RunSummary
 from worker.sinks import Sink
 from worker.step.detections import Detections
 from worker.step.executor import BatchResult, FrameOutcome
-from worker.telemetry import Telemetry
+from worker.telemetry import DropReason, Telemetry, drop_reason
 
 __all__ = ["Gate", "PublishedFrame", "Publisher", "ResultObserver"]
 
@@ -181,7 +181,7 @@ class Publisher:
         self._summary.errors[report.reason] += 1
         await self._deliver_report(report)
 
-    async def report_unprocessed(self, frames: Sequence[Frame], reason: str, message: str) -> None:
+    async def report_unprocessed(self, frames: Sequence[Frame], reason: DropReason, message: str) -> None:
         """Frames that will get no result (the worker is stopping after a failure): one report each."""
         for frame in frames:
             self._telemetry.frame_dropped(frame.source_id, reason)
@@ -218,7 +218,7 @@ class Publisher:
         frame = outcome.frame
         if outcome.error is not None:
             reason = outcome.error.reason
-            self._telemetry.frame_dropped(frame.source_id, reason)
+            self._telemetry.frame_dropped(frame.source_id, drop_reason(outcome.error))
             await self.report(
                 ErrorReport(
                     self.pipeline,

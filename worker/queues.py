@@ -1,7 +1,8 @@
 """Bounded per-source frame queues with a drop policy, and the signal the batcher waits on.
 
-``latest`` (live cameras): ``put`` never waits; when the queue is full the *oldest* frame is dropped
-and counted as ``frames_dropped_total{reason="stale"}``, so the batcher always sees the freshest frames.
+``latest`` (live cameras): ``put`` never waits; when the queue is full the *oldest* frame is replaced
+and counted as a policy skip, ``frames_skipped_total{reason="stale"}`` (not a fault), so the batcher
+always sees the freshest frames.
 ``every_frame`` (files, lossless MQTT): ``put`` waits for room — backpressure, nothing dropped.
 
 All methods run on the event loop; reader threads hand frames over with
@@ -32,8 +33,9 @@ class FrameQueue:
     Args:
         source_id: the source's id (metric label).
         maxsize: capacity (>= 1).
-        policy: ``"latest"`` drops the oldest frame when full; ``"every_frame"`` makes ``put`` wait.
-        telemetry: where drops and depth are reported.
+        policy: ``"latest"`` replaces the oldest frame when full (a ``stale`` skip);
+            ``"every_frame"`` makes ``put`` wait.
+        telemetry: where skips and depth are reported.
         ready: an event set whenever a frame is put or the queue closes (shared by the batcher's queues).
     """
 
@@ -74,13 +76,13 @@ class FrameQueue:
         return self._closed and not self._items and not self._waiting_puts
 
     async def put(self, frame: Frame) -> None:
-        """Add a frame (waits for room under ``every_frame``; drops the oldest under ``latest``)."""
+        """Add a frame (waits for room under ``every_frame``; replaces the oldest under ``latest``)."""
         if self._closed:
             raise QueueClosed(f"queue of source {self.source_id!r} is closed")
         if self.policy == "latest":
             if len(self._items) >= self.maxsize:
                 self._items.popleft()
-                self.telemetry.frame_dropped(self.source_id, "stale")
+                self.telemetry.frame_skipped(self.source_id, "stale")
         else:
             self._waiting_puts += 1
             try:

@@ -32,15 +32,16 @@ from worker.config import PipelineConfig, load_pipeline
 from worker.control import ControlListener
 from worker.errors import ConfigError, SegstreamError, SinkError
 from worker.frame import Frame
-from worker.http_server import HealthState, HttpServer, build_app
 from worker.ids import make_worker_id
 from worker.inference import InferenceLoop
 from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport
-from worker.metrics import Metrics
 from worker.models.registry import ModelRegistry, default_models_dirs
 from worker.models.remote import bind_remote, release_remote
-from worker.preview import PreviewHub
+from worker.ops.health import HealthState
+from worker.ops.http import HttpServer, access_policy, build_app
+from worker.ops.metrics import Metrics
+from worker.ops.preview import PreviewHub
 from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
@@ -149,7 +150,11 @@ class Worker:
             config.name, version=__version__, sources=[s.id for s in config.sources]
         )
         # the broker is a readiness condition through the MQTT sinks (sources show in sources_attached)
-        self.health = HealthState(broker_required=any(c.type == "mqtt" for c in config.sinks))
+        self.health = HealthState(
+            broker_required=any(c.type == "mqtt" for c in config.sinks),
+            sources=[s.id for s in config.sources],
+            ready_sources=config.http.ready_sources,
+        )
         for model_id, model in runner.models.items():
             info = model.info
             log.info("model %s: %s", model_id, info.summary())
@@ -348,7 +353,7 @@ class Worker:
         undelivered: list[int] = []
         async with AsyncExitStack() as stack:
             if self.config.http.enabled:
-                app = build_app(self.metrics, self.health, self.preview)
+                app = build_app(self.metrics, self.health, self.preview, access_policy(self.config.http))
                 server = await stack.enter_async_context(
                     HttpServer(app, self.config.http.host, self.config.http.port)
                 )
@@ -463,21 +468,22 @@ class Worker:
                 break
             await asyncio.sleep(0.01)  # a put that waited for room adds its frame when it runs
         await self.publisher.report_unprocessed(
-            left, "shutdown_undelivered", "the worker stopped before processing this frame"
+            left, "shutdown_unprocessed", "the worker stopped before processing this frame"
         )
 
     def _left(self, floor: float, reserve: float = 0.0) -> float:
         return max(floor, self._deadline - time.monotonic() - reserve)
 
     def _log_totals(self, code: int) -> None:
-        """One final line per source (frames received = processed + dropped when nothing was lost)."""
+        """One final line per source (received = processed + dropped + skipped when nothing was lost)."""
         for source, totals in self.metrics.snapshot().items():
             log.info(
-                "source %s: received=%d processed=%d dropped=%d",
+                "source %s: received=%d processed=%d dropped=%d skipped=%d",
                 source,
                 totals.received,
                 totals.processed,
                 totals.dropped,
+                totals.skipped,
             )
         log.info("worker stopped (exit code %d)", code)
 
@@ -564,10 +570,12 @@ def run_pipeline_file(path: str | Path, *, models_dir: Path | None = None) -> in
     """``segstream run``: load, validate and run a pipeline file; the process exit code."""
     try:
         config = load_pipeline(path)
+        preview_token = config.http.resolved_preview_token()
     except ConfigError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    secrets = [p for p in [config.broker.resolved_password() if config.broker else None] if p]
+    broker_password = config.broker.resolved_password() if config.broker else None
+    secrets = [p for p in [broker_password, preview_token] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)
     return asyncio.run(run_worker(config, models_dir=models_dir))
 

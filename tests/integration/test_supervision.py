@@ -18,8 +18,8 @@ from tests.support.mosquitto import MosquittoBroker
 from tests.support.waiting import wait_until
 from worker.control import ControlListener
 from worker.frame import Frame
-from worker.http_server import HealthState
 from worker.mqtt import BrokerConfig
+from worker.ops.health import HealthState
 from worker.queues import FrameQueue
 from worker.runtime import Worker, _StopSignals
 from worker.sinks import MemorySink
@@ -82,7 +82,7 @@ async def test_an_exception_in_inference_closes_the_sinks_says_offline_and_exits
     assert received >= 1
     assert memory.results == []
     assert len(memory.errors) == received
-    assert {e.reason for e in memory.errors} <= {"inference_error", "shutdown_undelivered"}
+    assert {e.reason for e in memory.errors} <= {"inference_error", "shutdown_unprocessed"}
     assert sorted(e.frame_number for e in memory.errors) == list(range(received))
 
 

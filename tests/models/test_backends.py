@@ -284,7 +284,7 @@ def test_closed_model_refuses_to_run(tmp_path: Path) -> None:
 
 
 def test_requested_and_used_providers_are_a_metric_label(tmp_path: Path) -> None:
-    from worker.metrics import Metrics
+    from worker.ops.metrics import Metrics
 
     config = OnnxRuntimeConfig(
         providers=["CUDAExecutionProvider", "CPUExecutionProvider"], allow_fallback=True

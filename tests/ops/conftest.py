@@ -9,9 +9,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from worker.http_server import HealthState, HttpServer, build_app
-from worker.metrics import Metrics
-from worker.preview import PreviewHub
+from worker.ops.health import HealthState
+from worker.ops.http import HttpServer, build_app
+from worker.ops.metrics import Metrics
+from worker.ops.preview import PreviewHub
 from worker.step.detections import Detections, MaskCrops
 
 

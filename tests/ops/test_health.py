@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from tests.ops.conftest import ManualClock, ServeFactory
-from worker.http_server import HealthState
-from worker.metrics import Metrics
+from worker.ops.health import HealthState
+from worker.ops.metrics import Metrics
 
 
 async def _probes(s: object) -> tuple[int, int, dict[str, object], dict[str, object]]:
@@ -149,3 +149,65 @@ def test_readiness_asks_the_broker_probe_at_each_check() -> None:
     assert health.readiness().ok
     health.set_broker_connected(False)  # a fixed state replaces the probe
     assert not health.readiness().ok
+
+
+def _ready(health: HealthState) -> HealthState:
+    health.set_model_loaded()
+    return health
+
+
+@pytest.mark.parametrize(
+    ("mode", "alive", "ok", "reason"),
+    [
+        ("any", {"cam1": True, "cam2": True}, True, None),
+        ("any", {"cam1": True, "cam2": False}, True, None),
+        ("any", {"cam1": False, "cam2": False}, False, "no source attached"),
+        ("any", {}, False, "no source attached"),  # declared but never attached
+        ("all", {"cam1": True, "cam2": True}, True, None),
+        ("all", {"cam1": True, "cam2": False}, False, "sources not alive: cam2 (http.ready_sources: all)"),
+        ("all", {"cam1": True}, False, "sources not alive: cam2 (http.ready_sources: all)"),
+        ("all", {"cam1": False, "cam2": False}, False, "no source attached"),
+    ],
+)
+def test_readiness_counts_dead_sources_by_mode(
+    mode: str, alive: dict[str, bool], ok: bool, reason: str | None
+) -> None:
+    health = _ready(HealthState(sources=["cam1", "cam2"], ready_sources=mode))  # type: ignore[arg-type]
+    for source, up in alive.items():
+        health.source_attached(source, up)
+    report = health.readiness()
+    assert report.ok is ok and report.reasons == ((reason,) if reason else ())
+    assert report.checks["ready_sources"] == mode
+    assert report.checks["sources_dead"] == sorted({"cam1", "cam2"} - {s for s, up in alive.items() if up})
+
+
+async def test_a_dead_stage_makes_the_worker_unready_until_it_is_back(serve: ServeFactory) -> None:
+    health = _ready(HealthState(sources=["cam1"]))
+    health.source_attached("cam1", True)
+    async with serve(Metrics("p"), health) as s:
+        assert (await _probes(s))[:2] == (200, 200)
+        health.stage_alive("control", True)
+        health.stage_alive("batcher", True)
+        assert (await _probes(s))[:2] == (200, 200)
+        health.stage_alive("control", False)  # e.g. the control listener died
+        live_s, ready_s, _, ready = await _probes(s)
+        assert (live_s, ready_s) == (200, 503)  # still live: a restart would not bring it back sooner
+        assert ready["reasons"] == ["stage control is down"]
+        assert ready["checks"]["stages"] == {"batcher": True, "control": False}
+        assert ready["checks"]["stages_down"] == ["control"]
+        health.stage_alive("control", True)  # the supervisor restarted it
+        assert (await _probes(s))[:2] == (200, 200)
+
+
+def test_ready_sources_must_be_any_or_all() -> None:
+    with pytest.raises(ValueError, match="ready_sources"):
+        HealthState(ready_sources="most")  # type: ignore[arg-type]
+
+
+def test_http_config_carries_ready_sources_into_health() -> None:
+    from worker.config import HttpConfig
+
+    assert HttpConfig().ready_sources == "any"
+    assert HttpConfig(ready_sources="all").ready_sources == "all"
+    with pytest.raises(ValueError, match="ready_sources"):
+        HttpConfig(ready_sources="most")  # type: ignore[arg-type]

@@ -1,22 +1,40 @@
-"""Metrics driven through the Telemetry calls, scraped over HTTP and parsed like Prometheus does."""
+"""Metrics driven through the Telemetry calls, scraped over HTTP and parsed like Prometheus does; the
+per-source totals beside them; the closed reason sets against every reason the code uses."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import random
 from collections import defaultdict
+from pathlib import Path
+from typing import get_args, get_type_hints
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.ops.conftest import ServeFactory
-from worker.http_server import HealthState
-from worker.metrics import DROP_REASONS, Metrics
-from worker.telemetry import Telemetry
+from worker.ops.health import HealthState
+from worker.ops.metrics import METRICS, OTHER, Metrics
+from worker.telemetry import (
+    DROP_REASONS,
+    ERROR_REASONS,
+    LOSS_REASONS,
+    REASON_HELP,
+    SKIP_REASONS,
+    DropReason,
+    LossReason,
+    SkipReason,
+    Telemetry,
+    drop_reason,
+)
 
 REQUIRED = {
     "segstream_frames_received": ("counter", {"source"}),
     "segstream_frames_processed": ("counter", {"source"}),
     "segstream_frames_dropped": ("counter", {"source", "reason"}),
+    "segstream_frames_skipped": ("counter", {"source", "reason"}),
+    "segstream_results_lost": ("counter", {"source", "reason"}),
     "segstream_batch_size": ("histogram", set()),
     "segstream_model_seconds": ("histogram", set()),
     "segstream_postprocess_seconds": ("histogram", set()),
@@ -29,6 +47,11 @@ REQUIRED = {
     "segstream_published_messages": ("counter", {"kind"}),
     "segstream_publish_errors": ("counter", {"reason"}),
     "segstream_errors": ("counter", {"reason"}),
+}
+REASONED = {
+    "segstream_frames_dropped_total": DROP_REASONS,
+    "segstream_frames_skipped_total": SKIP_REASONS,
+    "segstream_results_lost_total": LOSS_REASONS,
 }
 
 
@@ -59,20 +82,29 @@ async def test_scrape_names_labels_and_conservation(serve: ServeFactory) -> None
     rng = random.Random(7)
     expected_received: dict[str, int] = defaultdict(int)
     expected_processed: dict[str, int] = defaultdict(int)
-    expected_dropped: dict[tuple[str, str], int] = defaultdict(int)
-    # every frame received ends up processed or dropped for exactly one reason
+    expected: dict[str, dict[tuple[str, str], int]] = {name: defaultdict(int) for name in REASONED}
+    # every frame received ends up processed, dropped or skipped for exactly one reason
     for _ in range(500):
         source = rng.choice(["cam1", "cam2"])
         telemetry.frame_received(source)
         expected_received[source] += 1
-        if rng.random() < 0.7:
+        draw = rng.random()
+        if draw < 0.6:
             telemetry.frames_processed(source)
             expected_processed[source] += 1
             telemetry.e2e_latency(source, rng.uniform(0.02, 0.4))
+            if rng.random() < 0.1:  # and sometimes its message is lost at a sink afterwards
+                loss: LossReason = rng.choice(LOSS_REASONS)
+                telemetry.result_lost(source, loss)
+                expected["segstream_results_lost_total"][(source, loss)] += 1
+        elif draw < 0.8:
+            drop: DropReason = rng.choice(DROP_REASONS)
+            telemetry.frame_dropped(source, drop)
+            expected["segstream_frames_dropped_total"][(source, drop)] += 1
         else:
-            reason = rng.choice(DROP_REASONS)
-            telemetry.frame_dropped(source, reason)
-            expected_dropped[(source, reason)] += 1
+            skip: SkipReason = rng.choice(SKIP_REASONS)
+            telemetry.frame_skipped(source, skip)
+            expected["segstream_frames_skipped_total"][(source, skip)] += 1
     telemetry.batch_done(4, 0.031, 0.004)
     telemetry.batch_done(2, 0.020, 0.003)
     telemetry.queue_depth("cam1", 3)
@@ -87,7 +119,6 @@ async def test_scrape_names_labels_and_conservation(serve: ServeFactory) -> None
     telemetry.reconnect("cam2")
     telemetry.published("result")
     telemetry.publish_error("timeout")
-    telemetry.error("bad_parameter")
 
     async with serve(metrics, HealthState()) as s:
         status, body, headers = await s.get("/metrics")
@@ -104,19 +135,25 @@ async def test_scrape_names_labels_and_conservation(serve: ServeFactory) -> None
     for source in ("cam1", "cam2"):
         received = _value(families, "segstream_frames_received_total", source=source)
         processed = _value(families, "segstream_frames_processed_total", source=source)
-        dropped = {
-            reason: _value(
-                families,
-                "segstream_frames_dropped_total",
-                source=source,
-                reason=reason,
-            )
-            for reason in DROP_REASONS
+        by_reason = {
+            name: {r: _value(families, name, source=source, reason=r) for r in reasons}
+            for name, reasons in REASONED.items()
         }
         assert received == expected_received[source]
         assert processed == expected_processed[source]
-        assert dropped == {r: expected_dropped[(source, r)] for r in DROP_REASONS}
-        assert received == processed + sum(dropped.values())
+        for name, reasons in REASONED.items():
+            assert by_reason[name] == {r: expected[name][(source, r)] for r in reasons}, name
+        dropped = sum(by_reason["segstream_frames_dropped_total"].values())
+        skipped = sum(by_reason["segstream_frames_skipped_total"].values())
+        assert received == processed + dropped + skipped
+        snap = metrics.snapshot()[source]  # the plain totals agree with the scrape
+        assert (snap.received, snap.processed, snap.dropped, snap.skipped) == (
+            received,
+            processed,
+            dropped,
+            skipped,
+        )
+        assert snap.lost == sum(by_reason["segstream_results_lost_total"].values())
         count = _value(families, "segstream_e2e_latency_seconds_count", source=source)
         assert count == processed
 
@@ -145,22 +182,50 @@ async def test_openmetrics_is_negotiated(serve: ServeFactory) -> None:
     assert body.rstrip().endswith(b"# EOF")
 
 
-def test_series_exist_at_zero_for_declared_sources_and_reasons() -> None:
+def test_series_exist_at_zero_for_declared_sources_and_every_reason() -> None:
     families = _families(Metrics("p", sources=["cam9"]).render()[0].decode())
     assert _value(families, "segstream_frames_received_total", source="cam9") == 0
-    for reason in DROP_REASONS:
-        value = _value(families, "segstream_frames_dropped_total", source="cam9", reason=reason)
-        assert value == 0
+    for name, reasons in REASONED.items():
+        present = {
+            s.labels["reason"]
+            for f in families.values()
+            for s in f.samples  # type: ignore[attr-defined]
+            if s.name == name and s.labels["source"] == "cam9"
+        }
+        assert present == set(reasons), name  # exactly the closed set, all at 0
+        assert all(_value(families, name, source="cam9", reason=r) == 0 for r in reasons)
+
+
+def test_worker_errors_are_a_closed_set_at_zero_from_start_up() -> None:
+    m = Metrics("p")
+    families = _families(m.render()[0].decode())
+    assert {r: _value(families, "segstream_errors_total", reason=r) for r in ERROR_REASONS} == dict.fromkeys(
+        ERROR_REASONS, 0
+    )
+    m.error("stage_failed")
+    m.error("stage_failed")
+    families = _families(m.render()[0].decode())
+    assert _value(families, "segstream_errors_total", reason="stage_failed") == 2
+
+
+def test_an_undeclared_reason_is_counted_as_other_not_lost(caplog: pytest.LogCaptureFixture) -> None:
+    m = Metrics("p", sources=["cam1"])
+    m.frame_dropped("cam1", "made_up")  # type: ignore[arg-type]
+    m.frame_dropped("cam1", "made_up")  # type: ignore[arg-type]
+    families = _families(m.render()[0].decode())
+    assert _value(families, "segstream_frames_dropped_total", source="cam1", reason=OTHER) == 2
+    assert m.snapshot()["cam1"].dropped == 2
+    assert "undeclared reason 'made_up'" in caplog.text
 
 
 def test_label_values_are_bounded() -> None:
     metrics = Metrics("p", max_label_values=4)
     for i in range(50):  # a bug that labels by frame id must not grow the series count
         metrics.frame_received(f"frame-{i}")
-        metrics.error(f"reason-{i}")
+        metrics.publish_error(f"reason-{i}")
     families = _families(metrics.render()[0].decode())
     sources = {s.labels["source"] for s in families["segstream_frames_received"].samples}  # type: ignore[attr-defined]
-    reasons = {s.labels["reason"] for s in families["segstream_errors"].samples}  # type: ignore[attr-defined]
+    reasons = {s.labels["reason"] for s in families["segstream_publish_errors"].samples}  # type: ignore[attr-defined]
     assert len(sources) == 4 and "other" in sources
     assert len(reasons) == 4 and "other" in reasons
     total = sum(s.value for s in families["segstream_frames_received"].samples if s.name.endswith("_total"))  # type: ignore[attr-defined]
@@ -175,12 +240,113 @@ def test_registries_are_independent() -> None:
     assert not [s for s in fb["segstream_frames_received"].samples if s.labels.get("source") == "cam1"]  # type: ignore[attr-defined]
 
 
-def test_snapshot_sums_drops_per_source() -> None:
+def test_snapshot_keeps_plain_totals_per_source() -> None:
     m = Metrics("p")
     m.frame_received("cam1")
-    m.frame_dropped("cam1", "stale", 3)
+    m.frame_dropped("cam1", "oversize", 3)
     m.frame_dropped("cam1", "decode_error")
+    m.frame_skipped("cam1", "stale", 2)
     m.e2e_latency("cam1", 0.25)
     m.e2e_latency("cam1", 0.75)
+    m.queue_depth("cam1", 5)
+    m.source_connected("cam1", True)
     snap = m.snapshot()["cam1"]
-    assert (snap.received, snap.dropped, snap.latency_count, snap.latency_sum) == (1, 4, 2, 1.0)
+    assert (snap.received, snap.dropped, snap.skipped, snap.latency_count, snap.latency_sum) == (
+        1,
+        4,
+        2,
+        2,
+        1.0,
+    )
+    assert (snap.queue_depth, snap.connected) == (5, True)
+
+
+def test_the_metric_table_is_what_the_registry_exports() -> None:
+    m = Metrics("p", sources=["cam1"])
+    m.model_loaded("parts/1", "onnxruntime", "fp32", ["CPUExecutionProvider"], ["CPUExecutionProvider"])
+    m.reconnect("broker")
+    m.published("result")
+    m.publish_error("timeout")
+    kinds = {
+        f.name: (f.type, {k for s in f.samples if not s.name.endswith("_created") for k in s.labels} - {"le"})
+        for f in m.registry.collect()
+    }
+    declared = {spec.name: (spec.kind, set(spec.labels)) for spec in METRICS}
+    assert kinds == declared
+
+
+def test_drop_reason_maps_every_error_into_the_closed_set() -> None:
+    from worker.errors import FrameDecodeError, ModelError, ParameterError, SinkError, StepError
+    from worker.models.registry import InvalidModelIdError
+
+    assert drop_reason(FrameDecodeError("x", reason="oversize")) == "oversize"
+    assert drop_reason(ParameterError("x")) == "bad_parameter"
+    assert drop_reason(StepError("x")) == "step_error"
+    assert drop_reason(InvalidModelIdError("x")) == "invalid_model_id"
+    assert drop_reason(ModelError("x")) == "model_error"
+    odd = ModelError("x")
+    odd.reason = "something_new"
+    assert drop_reason(odd) == "model_error"  # by class when the reason is not declared
+    assert drop_reason(SinkError("x")) == "step_error"
+    assert drop_reason(ValueError("x")) == "step_error"
+
+
+def test_the_telemetry_signatures_carry_the_closed_sets() -> None:
+    hints = {name: get_type_hints(getattr(Telemetry, name)) for name in ("frame_dropped", "frame_skipped")}
+    assert get_args(hints["frame_dropped"]["reason"]) == DROP_REASONS
+    assert get_args(hints["frame_skipped"]["reason"]) == SKIP_REASONS
+    assert get_args(get_type_hints(Telemetry.result_lost)["reason"]) == LOSS_REASONS
+    assert set(SKIP_REASONS) == {"max_fps", "stale"}
+    assert get_args(get_type_hints(Telemetry.error)["reason"]) == ERROR_REASONS
+    every = (*DROP_REASONS, *SKIP_REASONS, *LOSS_REASONS, *ERROR_REASONS)
+    assert len(set(every)) == len(every)  # no reason in two sets
+    assert set(REASON_HELP) == set(every)
+
+
+_WORKER = Path(__file__).resolve().parents[2] / "worker"
+_REASON_CALLS = {
+    "frame_dropped": DROP_REASONS,
+    "frame_skipped": SKIP_REASONS,
+    "result_lost": LOSS_REASONS,
+    "report_unprocessed": DROP_REASONS,
+}
+
+
+def _reasons_in_source() -> list[tuple[str, str, str]]:
+    """(place, kind, reason) for every literal reason the worker's code passes or assigns."""
+    found = []
+    for path in sorted(_WORKER.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            place = f"{path.relative_to(_WORKER.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call):
+                name = (
+                    node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                )
+                args = [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "reason")]
+                if name in _REASON_CALLS:
+                    found += [(place, name, a.value) for a in args if isinstance(a, ast.Constant)]
+                elif name == "FrameDecodeError":
+                    found += [
+                        (place, "frame_dropped", k.value.value)
+                        for k in node.keywords
+                        if k.arg == "reason" and isinstance(k.value, ast.Constant)
+                    ]
+            elif isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Constant):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(getattr(t, "attr", getattr(t, "id", None)) == "reason" for t in targets):
+                    found.append((place, "error_reason", node.value.value))
+    return found
+
+
+def test_every_reason_the_code_uses_is_declared() -> None:
+    found = _reasons_in_source()
+    calls = [(p, k, r) for p, k, r in found if k in _REASON_CALLS]
+    assert len(calls) >= 12, calls  # the scan sees the call sites (sources, queues, sinks)
+    for place, kind, reason in calls:
+        assert reason in _REASON_CALLS[kind], f"{place}: {kind}({reason!r}) is not declared"
+    # the reasons errors carry: those that reach a dropped frame are in the set; the rest never do
+    # (SegstreamError's own "error" and the config/source/sink errors never cost a frame its result)
+    not_frame = {"error", "config_error", "source_error", "sink_error", "quantization_refused"}
+    frame_errors = {r for _, k, r in found if k == "error_reason"} - not_frame
+    assert frame_errors <= set(DROP_REASONS), frame_errors - set(DROP_REASONS)

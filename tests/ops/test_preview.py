@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.ops.conftest import ManualClock, make_detections
-from worker.preview import PreviewHub
+from worker.ops.preview import PreviewHub
 
 
 def _frame(value: int = 90, shape: tuple[int, int] = (240, 320)) -> np.ndarray:

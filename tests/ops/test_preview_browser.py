@@ -24,9 +24,9 @@ import pytest
 
 from tests.ops.conftest import ServeFactory, make_detections
 from tests.support.waiting import wait_until
-from worker.http_server import HealthState
-from worker.metrics import Metrics
-from worker.preview import PreviewHub
+from worker.ops.health import HealthState
+from worker.ops.metrics import Metrics
+from worker.ops.preview import PreviewHub
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -141,6 +141,10 @@ async def _wait_for(cdp: Cdp, expression: str, within_s: float = 20.0) -> Any:
     )
 
 
+# every tile shows a frame rate and a latency from a stats message
+STATS_SHOWN = """[...document.querySelectorAll('.tile')].every(t => /\\nfps \\d/.test(t.innerText)
+  && /\\nlatency 50 ms\\n/.test(t.innerText))"""
+
 TILE_STATE = """JSON.stringify([...document.querySelectorAll('.tile')].map(t => ({
   source: t.dataset.source, frames: Number(t.dataset.frames), seq: Number(t.dataset.seq),
   width: t.querySelector('img').naturalWidth, height: t.querySelector('img').naturalHeight,
@@ -153,7 +157,8 @@ async def test_preview_page_shows_a_live_tile_per_source(serve: ServeFactory, tm
     health = HealthState()
     hub = PreviewHub(max_fps=10.0, max_width=320)
     hub.set_sources(sources)
-    metrics.frame_dropped("cam2", "stale", 3)
+    metrics.frame_dropped("cam2", "decode_error", 3)
+    metrics.frame_skipped("cam2", "stale", 4)
     async with serve(metrics, health, hub) as s:
         feeder = asyncio.create_task(_feed(hub, metrics, sources), name="test.feeder")
         try:
@@ -169,7 +174,15 @@ async def test_preview_page_shows_a_live_tile_per_source(serve: ServeFactory, tm
                 )
                 assert hub.viewers == 1 and hub.wants("cam1")
                 before = {t["source"]: t for t in json.loads(await cdp.evaluate(TILE_STATE))}
-                await asyncio.sleep(1.2)
+                # the images keep updating: poll until every tile shows newer frames than before (no
+                # fixed sleep, whatever the machine's speed), with the stats of a later stats message
+                newer = " && ".join(
+                    f"Number(document.querySelector('.tile[data-source=\"{source}\"]').dataset.seq) > "
+                    f"{before[source]['seq']}"
+                    for source in sources
+                )
+                await _wait_for(cdp, newer)
+                await _wait_for(cdp, STATS_SHOWN)
                 after = {t["source"]: t for t in json.loads(await cdp.evaluate(TILE_STATE))}
                 assert sorted(after) == sources
                 for source in sources:
@@ -177,20 +190,19 @@ async def test_preview_page_shows_a_live_tile_per_source(serve: ServeFactory, tm
                     assert after[source]["seq"] > before[source]["seq"], source
                     assert (after[source]["width"], after[source]["height"]) == (320, 240)
                     stats = dict(line.split(" ", 1) for line in after[source]["text"].splitlines()[1:])
-                    assert float(stats["fps"]) > 5 and stats["latency"] == "50 ms", stats
+                    assert float(stats["fps"]) > 0 and stats["latency"] == "50 ms", stats
                     assert int(stats["processed"]) > 0 and stats["detections"] == "1", stats
-                assert "\ndropped 3\n" in after["cam2"]["text"] and "\ndropped 0\n" in after["cam1"]["text"]
+                cam1, cam2 = after["cam1"]["text"], after["cam2"]["text"]
+                assert "\ndropped 3\n" in cam2 and "\nskipped 4\n" in cam2
+                assert "\ndropped 0\n" in cam1 and "\nskipped 0\n" in cam1
                 shot = await cdp.call("Page.captureScreenshot", format="png")
                 png = tmp_path / "preview.png"
                 png.write_bytes(base64.b64decode(shot["data"]))
                 image = cv2.imread(str(png))
                 assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
             # the browser is gone: the page's WebSocket closes and the hub stops keeping frames
-            for _ in range(100):
-                if hub.viewers == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert hub.viewers == 0 and not hub.wants("cam1")
+            await wait_until(lambda: hub.viewers == 0, "the page's WebSocket to close")
+            assert not hub.wants("cam1")
         finally:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)

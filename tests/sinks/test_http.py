@@ -18,7 +18,7 @@ from tests.support.waiting import wait_until
 from tests.support.webhook import WebhookServer, self_signed_certificate
 from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
 from worker.sinks import HttpSink, HttpSinkConfig
 from worker.telemetry import RecordingTelemetry
 
@@ -118,7 +118,7 @@ async def test_retryable_answers_are_retried_and_other_4xx_are_dropped_and_count
         await sink.publish_result(result("cam1", 2))
         await wait_until(lambda: frame_ids(server) == ["cam1:0", "cam1:2"], what="the message after a 400")
     assert [r.status for r in server.requests[4:]] == [400, 200]
-    assert telemetry.dropped == Counter({("cam1", "http_rejected"): 1})
+    assert telemetry.lost == Counter({("cam1", "http_rejected"): 1})
     assert telemetry.publish_errors["http_rejected"] == 1
     assert "answered HTTP 400" in caplog.text
 
@@ -159,9 +159,7 @@ async def test_an_outage_loses_nothing_within_the_outbox_and_counts_the_overflow
     delivered = set(frame_ids(server))
     assert not {f"cam1:{n}" for n in range(first, first + 7)} & delivered  # the 7 oldest were dropped
     samples = parse_metrics(metrics.render()[0].decode())
-    overflow = metric_value(
-        samples, "segstream_frames_dropped_total", source="cam1", reason="outbox_overflow"
-    )
+    overflow = metric_value(samples, "segstream_results_lost_total", source="cam1", reason="outbox_overflow")
     assert overflow == 7
     assert metric_value(samples, "segstream_publish_errors_total", reason="http_unavailable") == 2
     published = metric_value(samples, "segstream_published_messages_total", kind="result")
@@ -186,7 +184,7 @@ async def test_tls_with_the_servers_certificate_authority(tmp_path: Path) -> Non
             await wait_until(lambda: telemetry.reconnects["http:http"] >= 2, what="failed TLS handshakes")
             assert len(sink.outbox) == 1
             assert await sink.close(0.5) == 1
-        assert telemetry.dropped == Counter({("cam1", "shutdown_undelivered"): 1})
+        assert telemetry.lost == Counter({("cam1", "shutdown_undelivered"): 1})
         assert frame_ids(server) == ["cam1:0"]
     finally:
         await server.stop()
@@ -200,7 +198,7 @@ async def test_close_with_the_server_down_returns_what_was_not_delivered(server:
     for n in range(3):
         await sink.publish_result(result("cam1", n))
     assert await sink.close(0.5) == 3
-    assert telemetry.dropped == Counter({("cam1", "shutdown_undelivered"): 3})
+    assert telemetry.lost == Counter({("cam1", "shutdown_undelivered"): 3})
     with pytest.raises(SinkError, match="closed"):
         await sink.publish_result(result("cam1", 4))
 

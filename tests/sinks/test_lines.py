@@ -117,7 +117,7 @@ async def test_jsonl_write_failure_raises_and_counts(tmp_path: Path) -> None:
     await sink.publish_result(result("cam1", 0))
     with pytest.raises(SinkError, match="write failed"):
         await sink.flush()
-    assert telemetry.dropped[("cam1", "sink_io_error")] == 1
+    assert telemetry.lost[("cam1", "sink_io_error")] == 1
     assert telemetry.publish_errors["io_error"] == 1
     assert await sink.close(5) == 0  # nothing left buffered
 

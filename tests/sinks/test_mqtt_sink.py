@@ -222,7 +222,7 @@ async def test_results_published_while_the_broker_restarts_all_arrive(
             assert telemetry.reconnects["broker:sink"] >= 1
             await wait_until(lambda: len(sink.outbox) == 0, what="empty outbox")
             assert await sink.close(10) == 0
-            assert not any(reason == "outbox_overflow" for _, reason in telemetry.dropped)
+            assert not any(reason == "outbox_overflow" for _, reason in telemetry.lost)
     finally:
         server.stop()
 
@@ -248,7 +248,7 @@ async def test_outbox_overflow_drops_the_oldest_and_counts(tmp_path: Path, uniqu
             for n in range(2):
                 await sink.publish_result(result("cam2", n))
             assert len(sink.outbox) == 5 and telemetry.outbox == 5
-            assert telemetry.dropped == {("cam1", "outbox_overflow"): 7}
+            assert telemetry.lost == {("cam1", "outbox_overflow"): 7}
             server.start()
             await wait_until(lambda: len(seen.messages) >= 5, "the 5 newest results", timeout=30)
             assert await sink.close(10) == 0
@@ -275,7 +275,7 @@ async def test_close_with_the_broker_down_returns_within_the_timeout(
     elapsed = time.monotonic() - started
     assert undelivered == 3
     assert elapsed < 1.0 + 1.5  # the timeout, plus slack for a loaded machine
-    assert telemetry.dropped[("cam1", "shutdown_undelivered")] == 3
+    assert telemetry.lost[("cam1", "shutdown_undelivered")] == 3
     assert telemetry.outbox == 0 and telemetry.broker_up is False
 
 
@@ -288,7 +288,7 @@ async def test_payload_over_the_limit_is_refused_and_counted(
         with pytest.raises(SinkError, match="max_payload_bytes"):
             await sink.publish_result(result("cam1", 0, outputs={"blob": "x" * 4096}))
         assert len(sink.outbox) == 0
-        assert telemetry.dropped[("cam1", "payload_too_large")] == 1
+        assert telemetry.lost[("cam1", "payload_too_large")] == 1
 
 
 async def test_username_and_password_from_the_environment(

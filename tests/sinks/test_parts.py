@@ -45,7 +45,7 @@ def test_outbox_keeps_order_skips_sent_and_drops_oldest_on_overflow() -> None:
     seq1, second = box.next_unsent({seq0}) or (0, None)
     assert second == message("a", 1)
     box.put(message("b", 3))  # full: the oldest (in flight) goes
-    assert len(box) == 3 and telemetry.dropped == {("a", "outbox_overflow"): 1}
+    assert len(box) == 3 and telemetry.lost == {("a", "outbox_overflow"): 1}
     assert box.ack(seq0) is None  # its late PUBACK finds nothing
     assert box.ack(seq1) == message("a", 1)
     assert [m.payload for m in box.take_all()] == [b"2", b"3"]

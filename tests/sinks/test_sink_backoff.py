@@ -65,7 +65,7 @@ async def test_shutdown_with_the_broker_down_keeps_to_the_backoff(
         assert 1 <= during_close <= most_attempts(closed - closing), (during_close, closed - closing)
         total = len(listener.arrivals)
         assert total <= most_attempts(closed - started), (total, closed - started)
-    assert telemetry.dropped[("cam1", "shutdown_undelivered")] == 3
+    assert telemetry.lost[("cam1", "shutdown_undelivered")] == 3
 
 
 async def test_the_http_sink_retries_at_most_at_the_floor_rate() -> None:

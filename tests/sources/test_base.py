@@ -75,6 +75,6 @@ async def test_latest_handover_never_blocks_and_counts_what_the_loop_cannot_take
     thread.start()
     thread.join(5)  # deliberately blocking: the loop cannot run the puts meanwhile
     assert time.monotonic() - started < 2 and thread_results == [True] * 10
-    assert telemetry.dropped[("s", "stale")] == 8  # only 2 could wait for the loop
+    assert telemetry.skipped[("s", "stale")] == 8  # only 2 could wait for the loop
     await wait_until(lambda: len(queue) == 2)
     assert [queue.get_nowait().frame_number for _ in range(2)] == [0, 1]  # type: ignore[union-attr]

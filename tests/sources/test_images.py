@@ -45,7 +45,7 @@ async def test_reads_sorted_reports_bad_files_and_closes(tmp_path: Path, errors:
     assert [(r.reason, r.frame_number) for r in errors.reports] == [("decode_error", 2), ("oversize", 4)]
     assert "c.jpg" in errors.reports[0].message and "e_big.png" in errors.reports[1].message
     assert telemetry.dropped == {("imgs", "decode_error"): 1, ("imgs", "oversize"): 1}
-    assert telemetry.received["imgs"] == 3
+    assert telemetry.received["imgs"] == 5  # the bad files were read too: received = queued + dropped
 
 
 async def test_loop_and_fps_pacing(tmp_path: Path) -> None:

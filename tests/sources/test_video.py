@@ -126,7 +126,9 @@ async def test_max_fps_skips_frames_and_counts_them(tmp_path: Path) -> None:
     await asyncio.wait_for(asyncio.gather(source.run(queue), consumer.run()), 30)
     # 0.5 s of video at 5 fps: frames 0, 4, 8 (±1 for scheduling jitter)
     assert 2 <= len(consumer.frames) <= 4
-    assert telemetry.dropped[("cap", "max_fps")] == 10 - len(consumer.frames)
+    # every frame is read (received); those above max_fps are policy skips, not faults
+    assert telemetry.skipped[("cap", "max_fps")] == 10 - len(consumer.frames) and not telemetry.dropped
+    assert telemetry.received["cap"] == 10 == telemetry.accounted("cap") + len(consumer.frames)
 
 
 async def test_missing_file_is_reported_once_and_retried_until_stopped(

@@ -17,7 +17,7 @@ exponential with full jitter, ``retry_min_s`` .. ``retry_max_s``; a ``Retry-Afte
 honoured up to ``retry_max_s``) before the next round, oldest first: delivery is **at least once** and
 a receiver deduplicates with ``Idempotency-Key``. Any other status (4xx, a redirect) will never succeed
 for that message: it is dropped, logged once per status code and counted
-(``frames_dropped_total{reason="http_rejected"}``, ``publish_errors_total{reason="http_rejected"}``).
+(``results_lost_total{reason="http_rejected"}``, ``publish_errors_total{reason="http_rejected"}``).
 
 The outbox lives in memory and holds at most ``outbox_size`` messages; when full the oldest is dropped
 and counted (``outbox_overflow``). An outage counts ``publish_errors_total{reason="http_unavailable"}``
@@ -253,7 +253,7 @@ class HttpSink(SinkContextMixin):
         self.undelivered = len(left)
         if left:
             for source, count in Outbox.count_by_source(left).items():
-                self.telemetry.frame_dropped(source, "shutdown_undelivered", count)
+                self.telemetry.result_lost(source, "shutdown_undelivered", count)
             log.warning(
                 "sink[%s]: closed with %d messages not delivered to %s",
                 self.name,
@@ -274,7 +274,7 @@ class HttpSink(SinkContextMixin):
         self._check_accepting()
         if len(payload) > self.config.max_payload_bytes:
             self.telemetry.publish_error("payload_too_large")
-            self.telemetry.frame_dropped(source, "payload_too_large")
+            self.telemetry.result_lost(source, "payload_too_large")
             raise SinkError(
                 f"sink[{self.name}]: {kind} of source {source!r} is {len(payload)} bytes, "
                 f"over max_payload_bytes={self.config.max_payload_bytes}"
@@ -391,7 +391,7 @@ class HttpSink(SinkContextMixin):
             return
         # 4xx / 3xx: the server will never take this message
         if self.outbox.ack(seq) is not None:
-            self.telemetry.frame_dropped(message.source, "http_rejected")
+            self.telemetry.result_lost(message.source, "http_rejected")
             self.telemetry.publish_error("http_rejected")
         if status not in self._rejected_statuses:
             self._rejected_statuses.add(status)

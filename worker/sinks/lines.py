@@ -135,7 +135,7 @@ class LineSink(SinkContextMixin):
 
         Raises:
             SinkError: the write failed; the lines of this flush are lost, counted as
-                ``frame_dropped(source, "sink_io_error")`` and ``publish_error("io_error")``.
+                ``result_lost(source, "sink_io_error")`` and ``publish_error("io_error")``.
         """
         async with self._lock:
             entries, self._buffer = self._buffer, []
@@ -147,7 +147,7 @@ class LineSink(SinkContextMixin):
             except OSError as exc:
                 self.telemetry.publish_error("io_error")
                 for _, source, _, _ in entries:
-                    self.telemetry.frame_dropped(source, "sink_io_error")
+                    self.telemetry.result_lost(source, "sink_io_error")
                 raise SinkError(f"sink[{self.name}]: write failed: {exc}") from exc
             for _, _, kind, _ in entries:
                 self.telemetry.published(kind)

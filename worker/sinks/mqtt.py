@@ -203,7 +203,7 @@ class MqttSink(SinkContextMixin):
         """Deliver the outbox (waiting for acknowledgements), publish ``offline``, disconnect.
 
         Returns within about ``timeout`` seconds even when the broker is down; what could not be
-        delivered is logged and counted as ``frame_dropped(source, "shutdown_undelivered")``.
+        delivered is logged and counted as ``result_lost(source, "shutdown_undelivered")``.
 
         Returns:
             The number of messages not delivered.
@@ -225,7 +225,7 @@ class MqttSink(SinkContextMixin):
         self.undelivered = len(left)
         if left:
             for source, count in Outbox.count_by_source(left).items():
-                self.telemetry.frame_dropped(source, "shutdown_undelivered", count)
+                self.telemetry.result_lost(source, "shutdown_undelivered", count)
             log.warning(
                 "sink[%s]: closed with %d messages not delivered to %s",
                 self.name,
@@ -247,7 +247,7 @@ class MqttSink(SinkContextMixin):
     def _enqueue(self, topic: str, payload: bytes, kind: str, source: str) -> None:
         if len(payload) > self.config.max_payload_bytes:
             self.telemetry.publish_error("payload_too_large")
-            self.telemetry.frame_dropped(source, "payload_too_large")
+            self.telemetry.result_lost(source, "payload_too_large")
             raise SinkError(
                 f"sink[{self.name}]: {kind} of source {source!r} is {len(payload)} bytes, "
                 f"over max_payload_bytes={self.config.max_payload_bytes}"

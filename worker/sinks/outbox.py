@@ -6,7 +6,7 @@ PUBCOMP; QoS 0: handed to the socket). A message sent on a connection that then 
 and is sent again on the next connection: delivery is *at least once*.
 
 When full, ``put`` drops the *oldest* message (stale predictions are worth less than fresh ones), counts
-``frames_dropped_total{reason="outbox_overflow"}`` per source and logs once per burst of drops.
+``results_lost_total{reason="outbox_overflow"}`` per source and logs once per burst of drops.
 
 Everything runs on the event loop; nothing here awaits.
 """
@@ -43,7 +43,7 @@ class Outbox:
 
     Args:
         maxsize: most messages held (>= 1).
-        telemetry: gets ``outbox_depth`` and ``frame_dropped(source, "outbox_overflow")``.
+        telemetry: gets ``outbox_depth`` and ``result_lost(source, "outbox_overflow")``.
         name: the sink's name, for logs.
     """
 
@@ -67,7 +67,7 @@ class Outbox:
         """Append ``message``; when full, drop the oldest (even one in flight) and count it."""
         if len(self._items) >= self.maxsize:
             _, oldest = self._items.popitem(last=False)
-            self._telemetry.frame_dropped(oldest.source, "outbox_overflow")
+            self._telemetry.result_lost(oldest.source, "outbox_overflow")
             self.dropped_total += 1
             self._burst += 1
             if self._burst == 1:

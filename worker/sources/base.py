@@ -121,7 +121,7 @@ class ThreadHandover:
                 self.closed = True
                 return False
         if len(self._pending) >= self._max_pending:
-            self._telemetry.frame_dropped(self._queue.source_id, "stale")
+            self._telemetry.frame_skipped(self._queue.source_id, "stale")
             return True
         future = self._submit(frame)
         if future is None:

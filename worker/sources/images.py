@@ -110,6 +110,7 @@ class ImageFolderSource:
                 next_due = max(next_due + interval, time.monotonic())
                 number = self._frame_number
                 self._frame_number += 1
+                self.telemetry.frame_received(self.source_id)  # a bad file too: it is dropped, below
                 try:
                     with ctx.busy():
                         image = self._load(path)
@@ -120,7 +121,6 @@ class ImageFolderSource:
                 frame = Frame(
                     source_id=self.source_id, frame_number=number, timestamp=time.time(), image=image
                 )
-                self.telemetry.frame_received(self.source_id)
                 if not ctx.put(frame):
                     return
             if not cfg.loop:

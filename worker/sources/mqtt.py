@@ -85,7 +85,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -126,7 +126,7 @@ MAX_PAYLOAD_BYTES_LIMIT = 128 * 1024 * 1024
 #: the reconnect target a resync counts under (real connection losses count as ``broker:source``)
 RESYNC_TARGET = "broker:source:resync"
 #: reason of an error report for an exception that is not one of the project's (a bug)
-INTERNAL_ERROR = "internal_error"
+INTERNAL_ERROR: Final = "internal_error"
 
 
 class MqttSourceConfig(BaseModel):
@@ -386,6 +386,7 @@ def _incoming_queue(
                 except asyncio.QueueFull:
                     overflow.sealed = True
             if item.qos == 0:
+                telemetry.frame_received(source_id)  # received and lost: the identity stays whole
                 telemetry.frame_dropped(source_id, "mqtt_queue_full")
             else:
                 overflow.held_back += 1

@@ -287,7 +287,9 @@ class VideoSource:
                 if not ok:
                     return fail, handed
                 position += 1
-                self.telemetry.frame_dropped(self.source_id, "max_fps")
+                # read from the source, then skipped by policy: received = processed + dropped + skipped
+                self.telemetry.frame_received(self.source_id)
+                self.telemetry.frame_skipped(self.source_id, "max_fps")
                 continue
             with ctx.busy():
                 ok, image = cap.read()

@@ -1,5 +1,8 @@
 """The live preview hub: the latest frame and detections per source, kept only while someone watches.
 
+No HTTP here: ``worker.ops.preview_routes`` serves the hub, and the page itself is package data,
+``worker/ops/preview.html`` (``preview_page()``).
+
 The runtime calls ``offer`` for every processed frame. While no viewer is connected ``offer`` only
 updates a frame-rate estimate and returns: nothing is copied, annotated or encoded, so a closed preview
 page costs nothing. While a viewer is connected (a WebSocket from the page, or a snapshot request in the
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.resources
 import math
 import threading
 import time
@@ -31,7 +36,7 @@ import numpy.typing as npt
 from worker.annotate import DetectionsLike, annotate, fit_width
 from worker.concurrency import BlockingPool
 
-__all__ = ["PREVIEW_PAGE", "EncodedFrame", "PreviewHub", "SourcePreviewStats"]
+__all__ = ["EncodedFrame", "PreviewHub", "SourcePreviewStats", "preview_page"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,94 +292,8 @@ class PreviewHub:
             self._pool = None
 
 
-# The page served at ``/``: one tile per source, frames pushed over one WebSocket (one connection for
-# any number of sources), stats once a second. Source ids and names are inserted with textContent only.
-PREVIEW_PAGE = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>segstream live preview</title>
-<style>
-body{margin:0;font:14px system-ui,sans-serif;background:#111;color:#ddd}
-header{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;background:#1b1b1b;
- border-bottom:1px solid #333}
-h1{font-size:1.1em;margin:0}#status{margin-left:auto;font-size:.9em}
-#tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:1em;padding:1em}
-.tile{background:#1b1b1b;border:1px solid #333;border-radius:6px;overflow:hidden}
-.tile h2{font-size:1em;margin:0;padding:.4em .6em;display:flex;gap:.5em;align-items:center}
-.dot{width:.6em;height:.6em;border-radius:50%;background:#a33;display:inline-block}.dot.on{background:#3a3}
-.tile img{display:block;width:100%;min-height:120px;background:#000}
-.stats{display:flex;flex-wrap:wrap;gap:.2em 1em;padding:.4em .6em;font-variant-numeric:tabular-nums;
- color:#aaa}
-.stats b{color:#eee;font-weight:600}
-</style></head>
-<body><header><h1>segstream</h1><span id="pipeline"></span><span id="status">connecting</span></header>
-<main id="tiles"></main>
-<script>
-"use strict";
-const tiles = new Map();
-window.segstreamFrames = 0;
-function stat(parent, label) {
-  const s = document.createElement("span"); s.append(label + " ");
-  const b = document.createElement("b"); b.textContent = "-"; s.append(b); parent.append(s); return b;
-}
-function tile(id) {
-  let t = tiles.get(id);
-  if (t) return t;
-  const el = document.createElement("section");
-  el.className = "tile"; el.dataset.source = id; el.dataset.frames = "0"; el.dataset.seq = "0";
-  const h = document.createElement("h2"); const dot = document.createElement("span"); dot.className = "dot";
-  const name = document.createElement("span"); name.textContent = id; h.append(dot, name);
-  const img = document.createElement("img"); img.alt = "latest annotated frame of " + id;
-  const st = document.createElement("div"); st.className = "stats";
-  t = {el, img, shown: -1, dot, fps: stat(st, "fps"), latency: stat(st, "latency"),
-       processed: stat(st, "processed"), dropped: stat(st, "dropped"), dets: stat(st, "detections")};
-  el.append(h, img, st); document.getElementById("tiles").append(el); tiles.set(id, t); return t;
-}
-function onStats(m) {
-  document.getElementById("pipeline").textContent = m.pipeline + (m.ready ? "" : " (not ready)");
-  for (const s of m.sources) {
-    const t = tile(s.id);
-    t.fps.textContent = s.fps.toFixed(1);
-    t.latency.textContent = s.latency_ms === null ? "-" : s.latency_ms.toFixed(0) + " ms";
-    t.processed.textContent = s.processed; t.dropped.textContent = s.dropped;
-    t.dot.classList.toggle("on", s.connected);
-  }
-}
-function connect() {
-  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const ws = new WebSocket(scheme + location.host + "/preview/ws");
-  ws.binaryType = "blob";
-  let meta = null;
-  ws.onopen = () => { document.getElementById("status").textContent = "live"; };
-  ws.onmessage = (ev) => {
-    if (typeof ev.data === "string") {
-      const m = JSON.parse(ev.data);
-      if (m.type === "stats") onStats(m); else if (m.type === "frame") meta = m;
-      return;
-    }
-    if (meta === null) return;
-    // decode off-screen and swap once loaded: the tile never goes blank between frames, and every
-    // blob URL is revoked (the one replaced, or a frame that lost the race to a newer one)
-    const t = tile(meta.source), seq = meta.seq, url = URL.createObjectURL(ev.data), next = new Image();
-    next.alt = t.img.alt;
-    next.onload = () => {
-      if (seq <= t.shown) { URL.revokeObjectURL(url); return; }
-      const old = t.img; t.shown = seq; old.replaceWith(next); t.img = next;
-      if (old.src.startsWith("blob:")) URL.revokeObjectURL(old.src);
-    };
-    next.onerror = () => URL.revokeObjectURL(url);
-    next.src = url;
-    t.el.dataset.seq = String(meta.seq);
-    t.el.dataset.frames = String(Number(t.el.dataset.frames) + 1);
-    t.dets.textContent = meta.detections;
-    window.segstreamFrames += 1;
-    meta = null;
-  };
-  ws.onclose = () => {
-    document.getElementById("status").textContent = "reconnecting";
-    setTimeout(connect, 1000);
-  };
-}
-connect();
-</script></body></html>
-"""
+@functools.cache
+def preview_page() -> bytes:
+    """The page served at ``/`` (``worker/ops/preview.html``, package data): one tile per source,
+    frames pushed over one WebSocket, stats once a second; source ids are inserted as text only."""
+    return importlib.resources.files("worker.ops").joinpath("preview.html").read_bytes()

@@ -1,9 +1,12 @@
-"""The HTTP app's other routes: index, source stats, snapshots, preview off; the modules' exports."""
+"""The preview's routes on a real server: index, source stats, snapshots, preview off, the page as
+package data; the ops modules' exports."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
+from pathlib import Path
 
 import aiohttp
 import cv2
@@ -11,9 +14,10 @@ import numpy as np
 import pytest
 
 from tests.ops.conftest import ServeFactory, make_detections
-from worker.http_server import HealthState, HttpServer, build_app
-from worker.metrics import Metrics
-from worker.preview import PreviewHub
+from worker.ops.health import HealthState
+from worker.ops.http import HttpServer, build_app
+from worker.ops.metrics import Metrics
+from worker.ops.preview import PreviewHub
 
 
 async def test_preview_off_serves_a_plain_index_and_no_preview_routes(serve: ServeFactory) -> None:
@@ -31,7 +35,8 @@ async def test_page_sources_json_and_snapshot(serve: ServeFactory) -> None:
     metrics.frame_received("cam1")
     metrics.frames_processed("cam1")
     metrics.e2e_latency("cam1", 0.2)
-    metrics.frame_dropped("cam1", "stale", 2)
+    metrics.frame_dropped("cam1", "decode_error", 2)
+    metrics.frame_skipped("cam1", "stale", 3)
     hub = PreviewHub(max_width=200)
     hub.set_sources(["cam1"])
     try:
@@ -44,6 +49,7 @@ async def test_page_sources_json_and_snapshot(serve: ServeFactory) -> None:
             assert status == 200 and payload["pipeline"] == "line-3" and payload["ready"] is False
             (row,) = payload["sources"]
             assert (row["id"], row["received"], row["processed"], row["dropped"]) == ("cam1", 1, 1, 2)
+            assert row["skipped"] == 3
             assert row["latency_ms"] == 200.0  # from the metrics until the hub sees frames
 
             assert (await s.get("/preview/nope.jpg"))[0] == 404
@@ -66,9 +72,64 @@ async def test_page_sources_json_and_snapshot(serve: ServeFactory) -> None:
         hub.close()
 
 
+PAGE = Path(__file__).resolve().parents[2] / "worker" / "ops" / "preview.html"
+
+
+async def test_the_page_is_the_package_html_file(serve: ServeFactory) -> None:
+    page = PAGE
+    hub = PreviewHub()
+    async with serve(Metrics("p"), HealthState(), hub) as s:
+        status, body, _ = await s.get("/")
+    assert status == 200 and body == page.read_bytes()
+    assert (
+        body.startswith(b"<!doctype html>")
+        and b'new WebSocket(scheme + location.host + "/preview/ws")' in body
+    )
+    hub.close()
+
+
+def test_the_old_ops_modules_are_gone() -> None:
+    # (the shared venv's editable install would still import them from another checkout)
+    worker = Path(__file__).resolve().parents[2] / "worker"
+    assert not [m for m in ("metrics.py", "http_server.py", "preview.py") if (worker / m).exists()]
+
+
+def _imports(module: str) -> set[str]:
+    path = Path(__file__).resolve().parents[2] / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("worker.ops.health", {"aiohttp", "worker.ops.preview", "worker.ops.http", "worker.ops.metrics"}),
+        ("worker.ops.metrics", {"aiohttp", "worker.ops.health", "worker.ops.preview"}),
+        ("worker.ops.preview", {"aiohttp", "worker.ops.health", "worker.ops.http"}),
+        ("worker.ops.preview_routes", {"worker.ops.health", "worker.ops.http"}),
+        ("worker.ops.access", {"worker.ops.health", "worker.ops.preview", "worker.ops.metrics"}),
+    ],
+)
+def test_no_ops_module_mixes_health_http_and_preview(module: str, forbidden: set[str]) -> None:
+    assert not _imports(module) & forbidden
+
+
 @pytest.mark.parametrize(
     "module",
-    ["worker.metrics", "worker.http_server", "worker.preview", "worker.annotate", "worker.logging_setup"],
+    [
+        "worker.ops",
+        "worker.ops.access",
+        "worker.ops.docs",
+        "worker.ops.health",
+        "worker.ops.http",
+        "worker.ops.metrics",
+        "worker.ops.preview",
+        "worker.ops.preview_routes",
+        "worker.telemetry",
+        "worker.annotate",
+        "worker.logging_setup",
+    ],
 )
 def test_all_lists_exactly_the_public_names(module: str) -> None:
     mod = importlib.import_module(module)
