@@ -39,9 +39,11 @@ demo: $(VENV)/.stamp-runtime
 test: $(VENV)/.stamp-test system remote-servers
 	$(PY) -m pytest
 
+## ruff, and mypy strict (with pydantic's plugin) on the package: settings in pyproject.toml
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 ## Benchmarks print their figures against a baseline measured in the same run (see benchmarks/README.md).
 bench: $(VENV)/.stamp-test system

@@ -187,7 +187,12 @@ class Publisher:
             self._telemetry.frame_dropped(frame.source_id, reason)
             await self.report(
                 ErrorReport(
-                    self.pipeline, frame.source_id, reason, message, frame.frame_id, frame.frame_number
+                    pipeline=self.pipeline,
+                    source_id=frame.source_id,
+                    reason=reason,
+                    message=message,
+                    frame_id=frame.frame_id,
+                    frame_number=frame.frame_number,
                 )
             )
 
@@ -221,12 +226,12 @@ class Publisher:
             self._telemetry.frame_dropped(frame.source_id, drop_reason(outcome.error))
             await self.report(
                 ErrorReport(
-                    self.pipeline,
-                    frame.source_id,
-                    reason,
-                    str(outcome.error),
-                    frame.frame_id,
-                    frame.frame_number,
+                    pipeline=self.pipeline,
+                    source_id=frame.source_id,
+                    reason=reason,
+                    message=str(outcome.error),
+                    frame_id=frame.frame_id,
+                    frame_number=frame.frame_number,
                 )
             )
             return

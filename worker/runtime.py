@@ -312,7 +312,7 @@ class Worker:
             runner.set_runtime_inputs,
             lambda: runner.runtime_inputs,
             lambda message: self.publisher.report_soon(
-                ErrorReport(self.name, "control", "bad_control", message)
+                ErrorReport(pipeline=self.name, source_id="control", reason="bad_control", message=message)
             ),
             self.metrics,
             self.worker_id,

@@ -112,11 +112,6 @@ class HealthState:
         """Add ``probe()`` (JSON-ready) to readiness checks under ``name``; it does not change readiness."""
         self.details = {**self.details, name: probe}
 
-    @property
-    def sources_attached(self) -> frozenset[str]:
-        """The sources alive now."""
-        return frozenset(s for s, alive in self._sources.items() if alive)
-
     def begin_shutdown(self) -> None:
         """SIGTERM: readiness turns false at once, before anything else stops."""
         self.shutting_down = True

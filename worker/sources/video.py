@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import cv2
@@ -186,10 +186,11 @@ class VideoSource:
     async def _supervise(self, reader: ReaderThread) -> bool:
         """Wait until the reader ends (True) or is stuck / asked to stop (False)."""
         watchdog_s = self.config.watchdog_s or 0.0
-        stop_wait = asyncio.ensure_future(self._stop_requested.wait())
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self._stop_requested.wait())
+        waiters: set[asyncio.Future[Any]] = {reader.finished, stop_wait}
         try:
             while True:
-                done, _ = await asyncio.wait({reader.finished, stop_wait}, timeout=0.5)
+                done, _ = await asyncio.wait(waiters, timeout=0.5)
                 if reader.finished in done:
                     return True
                 if stop_wait in done:

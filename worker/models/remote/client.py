@@ -245,7 +245,10 @@ class RemoteClient:
         budget = self.config.timeout_s * (self.config.retries + 1) + self.config.retry_backoff_s[1] * (
             self.config.retries + 1
         )
-        return self._call(self._request(method, path, body, headers, params, probe), timeout=budget + 5.0)
+        response: RemoteResponse = self._call(
+            self._request(method, path, body, headers, params, probe), timeout=budget + 5.0
+        )
+        return response
 
     def _call(self, coroutine: Any, *, timeout: float) -> Any:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
