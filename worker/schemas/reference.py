@@ -65,6 +65,46 @@ def _range(schema: dict[str, Any]) -> str:
     return ", ".join(part for part in (low, high) if part)
 
 
+def _array_type(schema: dict[str, Any]) -> str:
+    if "prefixItems" in schema:
+        return "[" + ", ".join(_type(item) for item in schema["prefixItems"]) + "]"
+    text = f"list of {_type(schema.get('items', {}))}"
+    if "minItems" in schema:
+        text += f" (at least {schema['minItems']})"
+    return text
+
+
+def _object_type(schema: dict[str, Any]) -> str:
+    values = schema.get("additionalProperties")
+    return f"mapping of {_type(values)}" if isinstance(values, dict) and values else "mapping"
+
+
+def _number_type(schema: dict[str, Any]) -> str:
+    bounds = _range(schema)
+    return f"{schema['type']} ({bounds})" if bounds else str(schema["type"])
+
+
+def _string_type(schema: dict[str, Any]) -> str:
+    if "pattern" in schema:
+        return f"string matching `{schema['pattern']}`"
+    if schema.get("format") == "path":
+        return "path"
+    if schema.get("minLength") == 1:
+        return "non-empty string"
+    if "minLength" in schema:
+        return f"string (at least {schema['minLength']} characters)"
+    return "string"
+
+
+_BY_KIND = {
+    "array": _array_type,
+    "object": _object_type,
+    "integer": _number_type,
+    "number": _number_type,
+    "string": _string_type,
+}
+
+
 def _type(schema: dict[str, Any]) -> str:
     """A short Markdown rendering of a property's type."""
     if "$ref" in schema:
@@ -80,29 +120,9 @@ def _type(schema: dict[str, Any]) -> str:
             text = " or ".join(_type(option) for option in options)
             return text + (" or null" if len(options) < len(schema[key]) else "")
     kind = schema.get("type")
-    if kind == "array":
-        if "prefixItems" in schema:
-            return "[" + ", ".join(_type(item) for item in schema["prefixItems"]) + "]"
-        text = f"list of {_type(schema.get('items', {}))}"
-        if "minItems" in schema:
-            text += f" (at least {schema['minItems']})"
-        return text
-    if kind == "object":
-        values = schema.get("additionalProperties")
-        return f"mapping of {_type(values)}" if isinstance(values, dict) and values else "mapping"
-    if kind in ("integer", "number"):
-        bounds = _range(schema)
-        return f"{kind} ({bounds})" if bounds else str(kind)
-    if kind == "string":
-        if "pattern" in schema:
-            return f"string matching `{schema['pattern']}`"
-        if schema.get("format") == "path":
-            return "path"
-        if schema.get("minLength") == 1:
-            return "non-empty string"
-        if "minLength" in schema:
-            return f"string (at least {schema['minLength']} characters)"
-        return "string"
+    render = _BY_KIND.get(kind) if isinstance(kind, str) else None
+    if render is not None:
+        return render(schema)
     return str(kind) if kind else "any"
 
 
