@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench venv system remote-servers remote-servers-all clean
+.PHONY: demo test lint bench venv system remote-servers clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,13 @@ venv: $(VENV)/.stamp-runtime
 system:
 	bash scripts/install-system-deps.sh
 
-## The inference servers of the remote-backend tests, each in its own venv. `make test` (and so CI)
-## installs Triton (.venv-kserve, ~450 MB, ~3 min); the Roboflow server (.venv-roboflow, ~7 GB, ~13 min:
-## inference-cpu pulls a CUDA build of torch) is by hand, `make remote-servers-all`: its tests skip without it.
+## The inference servers of the remote-backend tests, each in its own venv: Triton (.venv-kserve, ~450 MB,
+## ~3 min) and the Roboflow server (.venv-roboflow, ~7 GB, ~13 min: inference-cpu pulls a CUDA build of
+## torch). A failed Roboflow install (disk, registry) only warns: its tests then skip, the rest run.
 remote-servers:
 	bash scripts/install-remote-servers.sh kserve
-
-remote-servers-all:
-	bash scripts/install-remote-servers.sh kserve roboflow
+	bash scripts/install-remote-servers.sh roboflow || echo "WARNING: the Roboflow inference server" \
+	  "(inference-cpu) could not be installed: the Roboflow server tests in tests/remote will skip" >&2
 
 ## The main job on the embedded default: bundled model + bundled clip, no external service.
 demo: $(VENV)/.stamp-runtime

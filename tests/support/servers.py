@@ -43,9 +43,13 @@ ROBOFLOW_SCRIPT = REPO / "tests" / "support" / "roboflow_server.py"
 
 
 def _python(variable: str, venv: str) -> Path | None:
+    """The variable's interpreter, else the project's environment once its install finished (stamp)."""
     configured = os.environ.get(variable)
-    candidate = Path(configured) if configured else REPO / venv / "bin" / "python"
-    return candidate if candidate.is_file() else None
+    if configured:
+        return Path(configured) if Path(configured).is_file() else None
+    candidate = REPO / venv / "bin" / "python"
+    installed = any((REPO / venv).glob(".stamp-*"))  # a broken-off install has no stamp
+    return candidate if installed and candidate.is_file() else None
 
 
 def kserve_python() -> Path | None:
