@@ -97,7 +97,8 @@ def _need_roboflow() -> None:
         if os.environ.get("SEGSTREAM_REQUIRE_ROBOFLOW"):  # make test warns, not fails, if it cannot install
             pytest.fail("inference-cpu is required: scripts/install-remote-servers.sh roboflow")
         pytest.skip(
-            f"inference-cpu not installed: scripts/install-remote-servers.sh roboflow or ${ROBOFLOW_PYTHON_ENV}"
+            "inference-cpu not installed: scripts/install-remote-servers.sh roboflow, "
+            f"or set ${ROBOFLOW_PYTHON_ENV}"
         )
 
 
