@@ -41,7 +41,42 @@ def _workflow_and_models_dir(path: Path) -> tuple[Any, Path | None, dict[str, An
     return load_workflow(doc), None, {}
 
 
-def _runner(path: Path, models_dir: Path | None) -> Any:
+def _model_files(specs: Sequence[str], workflow: Any) -> dict[str, Path]:
+    """``--model [ID=]PATH`` options as ``{model id: path}``.
+
+    ``ID=PATH`` binds that model id; a bare ``PATH`` binds the one model the workflow uses (an error
+    when it uses several or none).
+
+    Raises:
+        ConfigError: a bad id, a path that does not exist, or a bare path the workflow leaves ambiguous.
+    """
+    from worker.ids import model_id_problem
+    from worker.step.executor import workflow_model_ids
+
+    files: dict[str, Path] = {}
+    for spec in specs:
+        model_id, sep, raw = spec.partition("=")
+        if not sep or "/" not in model_id or Path(spec).exists():
+            model_id, raw = "", spec
+        path = Path(raw)
+        if not path.exists():
+            raise ConfigError(f"--model {spec}: {path} does not exist")
+        if not model_id:
+            used = workflow_model_ids(workflow)
+            if len(used) != 1:
+                raise ConfigError(
+                    f"--model {spec}: the workflow uses {len(used)} models ({', '.join(used) or 'none'}); "
+                    "say which one this file is: --model ID=PATH"
+                )
+            model_id = used[0]
+        problem = model_id_problem(model_id)
+        if problem is not None:
+            raise ConfigError(f"--model {spec}: {problem}")
+        files[model_id] = path
+    return files
+
+
+def _runner(path: Path, models_dir: Path | None, model_specs: Sequence[str] = ()) -> Any:
     from worker.concurrency import limit_blas_threads
     from worker.config import PipelineConfig
     from worker.models.registry import ModelRegistry
@@ -50,7 +85,9 @@ def _runner(path: Path, models_dir: Path | None) -> Any:
     workflow, pipeline_models_dir, options = _workflow_and_models_dir(path)
     # as the worker does: post-processing's BLAS stays single-threaded next to ONNX Runtime
     limit_blas_threads(options.pop("blas_threads", PipelineConfig.model_fields["blas_threads"].default))
-    registry = ModelRegistry(_models_dirs(models_dir, pipeline_models_dir))
+    registry = ModelRegistry(
+        _models_dirs(models_dir, pipeline_models_dir), files=_model_files(model_specs, workflow)
+    )
     return WorkflowRunner(workflow, registry, model_config=options.get("model_config"))
 
 
@@ -58,7 +95,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.no_models:
         _workflow_and_models_dir(args.file)
     else:
-        runner = _runner(args.file, args.models_dir)
+        runner = _runner(args.file, args.models_dir, args.model)
         models = ", ".join(sorted(runner.models)) or "none"
         print(f"{args.file}: valid (models: {models})", file=sys.stderr)
         return 0
@@ -173,7 +210,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from worker.frame import Frame
 
     targets = _annotation_targets(args.annotate, args.images)
-    runner = _runner(args.file, args.models_dir)
+    runner = _runner(args.file, args.models_dir, args.model)
     params = _parse_params(args.param)
     if params:
         # exactly what the control topic does with {"inputs": {...}}: same checks, same messages
@@ -217,7 +254,16 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from worker.runtime import run_pipeline_file
 
-    return run_pipeline_file(args.file, models_dir=args.models_dir)
+    files: dict[str, Path] = {}
+    if args.model:
+        from worker.config import load_pipeline
+
+        try:
+            files = _model_files(args.model, load_pipeline(args.file).workflow)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return run_pipeline_file(args.file, models_dir=args.models_dir, model_files=files)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -247,6 +293,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             "classes": list(meta.class_names),
             "input_size": list(meta.input_size),
             "dynamic_input": meta.dynamic_input,
+            "layout": meta.output_layout,
             "precision": "int8" if quantization else str(meta.provenance.get("weights_precision", "fp32")),
             "provenance": made_by,
         }
@@ -313,7 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def models_dir_option(p: argparse.ArgumentParser) -> None:
+    def models_dir_option(p: argparse.ArgumentParser, *, model_path: bool = False) -> None:
         p.add_argument(
             "--models-dir",
             type=Path,
@@ -321,16 +368,26 @@ def _parser() -> argparse.ArgumentParser:
             help="model packages folder (<dir>/<project>/<version>/); else $SEGSTREAM_MODELS_DIR, "
             "else the bundled models",
         )
+        if model_path:
+            p.add_argument(
+                "--model",
+                action="append",
+                default=[],
+                metavar="[ID=]PATH",
+                help="load model ID from PATH (an .onnx file as exported, e.g. by Ultralytics, or a package "
+                "folder) instead of the models folder; a bare PATH replaces the workflow's one model; "
+                "repeatable",
+            )
 
     run = sub.add_parser("run", help="run a pipeline until SIGINT/SIGTERM (or until its files end)")
     run.add_argument("file", type=Path, help="pipeline file (YAML or JSON)")
-    models_dir_option(run)
+    models_dir_option(run, model_path=True)
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a pipeline or workflow file (and load its models)")
     validate.add_argument("file", type=Path, help="pipeline file or bare workflow definition (YAML or JSON)")
     validate.add_argument("--no-models", action="store_true", help="check the definition only")
-    models_dir_option(validate)
+    models_dir_option(validate, model_path=True)
     validate.set_defaults(func=_cmd_validate)
 
     infer = sub.add_parser("infer", help="run the workflow on images; print its outputs, one JSON per image")
@@ -348,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also write each image with its detections drawn: into folder OUT (<name>.annotated.<ext>), "
         "or to file OUT (one image, .jpg/.png)",
     )
-    models_dir_option(infer)
+    models_dir_option(infer, model_path=True)
     infer.set_defaults(func=_cmd_infer)
 
     from worker.schemas import KINDS

@@ -132,7 +132,8 @@ def model_id_problem(model_id: object) -> str | None:
         return (
             f"invalid model_id {model_id!r}: a model_id names a package 'project/version', not an .onnx "
             "file; put the file in a folder <models_dir>/<project>/<version>/ (any .onnx name) and use "
-            "'project/version'"
+            "'project/version', or bind an id to the file: model.files {'project/version': PATH} in the "
+            "pipeline, --model [ID=]PATH on the CLI"
         )
     return None
 

@@ -20,7 +20,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 
@@ -566,14 +566,22 @@ async def run_worker(config: PipelineConfig, *, models_dir: Path | None = None) 
         return await worker.run()
 
 
-def run_pipeline_file(path: str | Path, *, models_dir: Path | None = None) -> int:
-    """``segstream run``: load, validate and run a pipeline file; the process exit code."""
+def run_pipeline_file(
+    path: str | Path, *, models_dir: Path | None = None, model_files: Mapping[str, Path] | None = None
+) -> int:
+    """``segstream run``: load, validate and run a pipeline file; the process exit code.
+
+    ``model_files`` (``--model``) bind model ids to files, over the file's ``model.files``.
+    """
     try:
         config = load_pipeline(path)
         preview_token = config.http.resolved_preview_token()
     except ConfigError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    if model_files:
+        files = {**config.model.files, **model_files}
+        config = config.model_copy(update={"model": config.model.model_copy(update={"files": files})})
     broker_password = config.broker.resolved_password() if config.broker else None
     secrets = [p for p in [broker_password, preview_token] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)

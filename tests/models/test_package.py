@@ -159,7 +159,7 @@ def test_prototype_channel_and_output_checks(tmp_path: Path) -> None:
     model = build_segmentation_model(3)
     del model.graph.output[1]
     folder = write_model_package(tmp_path / "det", model, package_metadata(NAMES))
-    with pytest.raises(ModelError, match="rank-4 output"):
+    with pytest.raises(ModelError, match=r"not a segmentation head.*rank-4 prototypes output"):
         load_model_metadata(folder)
 
 

@@ -44,7 +44,10 @@ def make_predictions(boxes_xyxy, scores, coefficients=None) -> np.ndarray:
     """``(4 + C + 32, N)`` from input-pixel xyxy boxes and ``(N, C)`` class scores."""
     boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
     scores = np.asarray(scores, np.float32).reshape(len(boxes), -1)
-    coef = np.zeros((len(boxes), M), np.float32) if coefficients is None else coefficients
+    if coefficients is None:  # logit = prototype 0: with PROTOS_ONES every crop is full (kept)
+        coefficients = np.zeros((len(boxes), M), np.float32)
+        coefficients[:, 0] = 1.0
+    coef = coefficients
     cxcywh = np.stack(
         [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, *(boxes[:, 2:] - boxes[:, :2]).T],
         1,

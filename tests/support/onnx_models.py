@@ -26,6 +26,11 @@ Or an Ultralytics-style file with ``metadata_props``::
 
     model = build_segmentation_model(2, metadata_props=ultralytics_metadata_props(["a", "b"], (64, 64)))
     save_model(model, tmp_path / "model.onnx")
+
+End-to-end heads (YOLO26, ``nms=True`` exports): :func:`build_end2end_model` emits ``output0``
+``[B, N, 6 + 32]`` rows (:func:`end2end_rows`: ``x1, y1, x2, y2, score, class``, coefficients) and the
+same prototypes. ``half=True`` (both builders) stores the constants as float16 and makes the input and
+outputs float16, as an Ultralytics ``half=True`` export does.
 """
 
 from __future__ import annotations
@@ -40,9 +45,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
+    "END2END_COLUMNS",
     "NUM_COEFFICIENTS",
+    "build_end2end_model",
     "build_segmentation_model",
     "candidate_rows",
+    "end2end_rows",
     "package_metadata",
     "save_model",
     "ultralytics_metadata_props",
@@ -50,6 +58,7 @@ __all__ = [
 ]
 
 NUM_COEFFICIENTS = 32
+END2END_COLUMNS = 6 + NUM_COEFFICIENTS
 OPSET = 17
 IR_VERSION = 8
 
@@ -100,6 +109,7 @@ def build_segmentation_model(
     metadata_props: Mapping[str, str] | None = None,
     output_channels: int | None = None,
     hide_channel_count: bool = False,
+    half: bool = False,
 ) -> onnx.ModelProto:
     """Build a YOLOv8-seg layout ONNX model whose outputs are known.
 
@@ -120,6 +130,7 @@ def build_segmentation_model(
             (for layout-mismatch tests); the candidates are cut or zero-padded to it.
         hide_channel_count: make ``output0``'s channel axis dynamic (a runtime reshape), so a
             runtime cannot know the channel count before running the model.
+        half: float16 constants, input and outputs (an FP16 export).
 
     Returns:
         A checked ``onnx.ModelProto`` (opset 17).
@@ -141,7 +152,6 @@ def build_segmentation_model(
         rows = _fit_rows(rows, output_channels)
         gain = None if gain is None else _fit_rows(gain, output_channels)
         channels = output_channels
-    count = rows.shape[1]
     protos = (
         np.zeros((NUM_COEFFICIENTS, height // 4, width // 4), np.float32)
         if prototypes is None
@@ -150,6 +160,132 @@ def build_segmentation_model(
     if protos.ndim != 3 or protos.shape[0] != NUM_COEFFICIENTS:
         raise ValueError(f"prototypes must be ({NUM_COEFFICIENTS}, ph, pw), got {protos.shape}")
 
+    return _build_graph(
+        rows,
+        protos,
+        input_size=input_size,
+        dynamic_batch=dynamic_batch,
+        static_batch=static_batch,
+        dynamic_spatial=dynamic_spatial,
+        input_gain=gain,
+        prototype_gain=prototype_gain,
+        metadata_props=metadata_props,
+        hide_first_axis=hide_channel_count,
+        half=half,
+        name="yolov8_seg_test_model",
+    )
+
+
+def end2end_rows(
+    boxes_xyxy: Sequence[Sequence[float]] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    class_ids: Sequence[int] | np.ndarray,
+    coefficients: Sequence[Sequence[float]] | np.ndarray | None = None,
+    *,
+    count: int | None = None,
+) -> np.ndarray:
+    """Rows of an end-to-end head for one frame: ``(count, 6 + 32)`` float32.
+
+    Args:
+        boxes_xyxy: ``(K, 4)`` boxes ``x1, y1, x2, y2`` in input pixels.
+        scores: ``(K,)`` scores.
+        class_ids: ``(K,)`` class ids (stored as floats, as the models emit them).
+        coefficients: ``(K, 32)`` mask coefficients; zeros when None.
+        count: rows in all (Ultralytics: ``max_det``, 300); the rest are zeros, as the models pad.
+
+    Raises:
+        ValueError: inconsistent shapes.
+    """
+    boxes = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
+    k = boxes.shape[0]
+    score = np.asarray(scores, np.float32).reshape(k, 1)
+    cls = np.asarray(class_ids, np.float32).reshape(k, 1)
+    coefs = (
+        np.zeros((k, NUM_COEFFICIENTS), np.float32)
+        if coefficients is None
+        else np.asarray(coefficients, np.float32).reshape(k, NUM_COEFFICIENTS)
+    )
+    rows = np.concatenate([boxes, score, cls, coefs], axis=1)
+    total = k if count is None else count
+    if total < k:
+        raise ValueError(f"count {total} is less than the {k} rows given")
+    return np.concatenate([rows, np.zeros((total - k, END2END_COLUMNS), np.float32)])
+
+
+def build_end2end_model(
+    rows: np.ndarray,
+    *,
+    prototypes: np.ndarray | None = None,
+    input_size: tuple[int, int] = (64, 64),
+    dynamic_batch: bool = True,
+    static_batch: int = 1,
+    dynamic_spatial: bool = False,
+    metadata_props: Mapping[str, str] | None = None,
+    half: bool = False,
+    hide_row_count: bool = False,
+) -> onnx.ModelProto:
+    """Build an end-to-end head ONNX model: ``output0`` ``[B, N, 6 + 32]`` is ``rows`` for every frame.
+
+    Args:
+        rows: ``(N, 6 + 32)`` float32 (see :func:`end2end_rows`).
+        prototypes: ``(32, ph, pw)``; default zeros of ``input_size / 4``.
+        input_size, dynamic_batch, static_batch, dynamic_spatial, metadata_props, half: as for
+            :func:`build_segmentation_model`.
+        hide_row_count: declare ``output0``'s row axis dynamic (``[B, "num_dets", 38]``).
+
+    Raises:
+        ValueError: inconsistent shapes.
+    """
+    height, width = input_size
+    table = np.asarray(rows, np.float32)
+    if table.ndim != 2 or table.shape[1] != END2END_COLUMNS:
+        raise ValueError(f"rows must be (N, {END2END_COLUMNS}), got {table.shape}")
+    protos = (
+        np.zeros((NUM_COEFFICIENTS, height // 4, width // 4), np.float32)
+        if prototypes is None
+        else np.asarray(prototypes, np.float32)
+    )
+    return _build_graph(
+        table,
+        protos,
+        input_size=input_size,
+        dynamic_batch=dynamic_batch,
+        static_batch=static_batch,
+        dynamic_spatial=dynamic_spatial,
+        input_gain=None,
+        prototype_gain=None,
+        metadata_props=metadata_props,
+        hide_first_axis=hide_row_count,
+        half=half,
+        name="yolo26_seg_end2end_test_model",
+    )
+
+
+def _build_graph(
+    table: np.ndarray,
+    protos: np.ndarray,
+    *,
+    input_size: tuple[int, int],
+    dynamic_batch: bool,
+    static_batch: int,
+    dynamic_spatial: bool,
+    input_gain: np.ndarray | None,
+    prototype_gain: Sequence[float] | np.ndarray | None,
+    metadata_props: Mapping[str, str] | None,
+    hide_first_axis: bool,
+    half: bool,
+    name: str,
+) -> onnx.ModelProto:
+    """``output0 = table`` (``[B, a, b]``) and ``output1`` = the prototypes, per frame."""
+    height, width = input_size
+    if height % 4 or width % 4:
+        raise ValueError(f"input_size must be multiples of 4, got {input_size}")
+    if protos.ndim != 3 or protos.shape[0] != NUM_COEFFICIENTS:
+        raise ValueError(f"prototypes must be ({NUM_COEFFICIENTS}, ph, pw), got {protos.shape}")
+    first, second = table.shape
+    gain = input_gain
+    store = np.float16 if half else np.float32
+    elem = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     batch_dim: int | str = "batch" if dynamic_batch else static_batch
     h_dim: int | str = "height" if dynamic_spatial else height
     w_dim: int | str = "width" if dynamic_spatial else width
@@ -157,18 +293,22 @@ def build_segmentation_model(
     pw_dim: int | str = "proto_width" if dynamic_spatial else width // 4
 
     inits = [
-        numpy_helper.from_array(rows[None], "candidates"),
-        numpy_helper.from_array(protos[None], "prototypes"),
+        numpy_helper.from_array(table[None].astype(store), "candidates_stored"),
+        numpy_helper.from_array(protos[None].astype(store), "prototypes_stored"),
         numpy_helper.from_array(np.array([0], np.int64), "i0"),
         numpy_helper.from_array(np.array([1], np.int64), "i1"),
         numpy_helper.from_array(np.array([2], np.int64), "i2"),
         numpy_helper.from_array(np.array([4], np.int64), "i4"),
-        numpy_helper.from_array(np.array([channels, count], np.int64), "pred_tail"),
+        numpy_helper.from_array(np.array([first, second], np.int64), "pred_tail"),
         numpy_helper.from_array(np.array([1, NUM_COEFFICIENTS], np.int64), "proto_head"),
         numpy_helper.from_array(np.array([NUM_COEFFICIENTS], np.int64), "proto_channels"),
         numpy_helper.from_array(np.array([4], np.int64), "four"),
     ]
     nodes = [
+        # the constants are computed on in float32 (as an FP16 export's graph casts where it must)
+        helper.make_node("Cast", ["candidates_stored"], ["candidates"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["prototypes_stored"], ["prototypes"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["images"], ["images_f"], to=TensorProto.FLOAT),
         helper.make_node("Shape", ["images"], ["shape"]),
         helper.make_node("Slice", ["shape", "i0", "i1"], ["batch"]),
         helper.make_node("Slice", ["shape", "i2", "i4"], ["hw"]),
@@ -181,47 +321,48 @@ def build_segmentation_model(
         helper.make_node("Concat", ["batch", "proto_channels", "proto_hw"], ["proto_shape"], axis=0),
         helper.make_node("Expand", ["proto_one", "proto_shape"], ["proto_base"]),
     ]
-    pred_out = "pred_raw" if hide_channel_count else "output0"
+    pred_out = "pred_raw" if hide_first_axis else "pred_f"
     if gain is None:
         nodes.append(helper.make_node("Identity", ["pred_base"], [pred_out]))
     else:
         inits.append(numpy_helper.from_array(gain[None], "input_gain"))
         nodes += [
-            helper.make_node("ReduceMean", ["images"], ["frame_mean4"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("ReduceMean", ["images_f"], ["frame_mean4"], axes=[1, 2, 3], keepdims=1),
             helper.make_node("Squeeze", ["frame_mean4", "i2"], ["frame_mean"]),  # [B, 1, 1]
             helper.make_node("Mul", ["frame_mean", "input_gain"], ["pred_delta"]),
             helper.make_node("Add", ["pred_base", "pred_delta"], [pred_out]),
         ]
-    if hide_channel_count:
-        inits.append(numpy_helper.from_array(np.array([-1, count], np.int64), "hidden_tail"))
+    if hide_first_axis:
+        inits.append(numpy_helper.from_array(np.array([-1, second], np.int64), "hidden_tail"))
         nodes += [
             helper.make_node("Concat", ["batch", "hidden_tail"], ["hidden_shape"], axis=0),
-            helper.make_node("Reshape", ["pred_raw", "hidden_shape"], ["output0"]),
+            helper.make_node("Reshape", ["pred_raw", "hidden_shape"], ["pred_f"]),
         ]
     if prototype_gain is None:
-        nodes.append(helper.make_node("Identity", ["proto_base"], ["output1"]))
+        nodes.append(helper.make_node("Identity", ["proto_base"], ["proto_f"]))
     else:
         pgain = np.asarray(prototype_gain, np.float32).reshape(1, NUM_COEFFICIENTS, 1, 1)
         inits.append(numpy_helper.from_array(pgain, "prototype_gain"))
         nodes += [
-            helper.make_node("ReduceMean", ["images"], ["gray"], axes=[1], keepdims=1),
+            helper.make_node("ReduceMean", ["images_f"], ["gray"], axes=[1], keepdims=1),
             helper.make_node("AveragePool", ["gray"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
             helper.make_node("Mul", ["pooled", "prototype_gain"], ["proto_delta"]),
-            helper.make_node("Add", ["proto_base", "proto_delta"], ["output1"]),
+            helper.make_node("Add", ["proto_base", "proto_delta"], ["proto_f"]),
         ]
+    nodes += [
+        helper.make_node("Cast", ["pred_f"], ["output0"], to=elem),
+        helper.make_node("Cast", ["proto_f"], ["output1"], to=elem),
+    ]
+    first_dim: int | str = (
+        ("channels" if name.startswith("yolov8") else "num_dets") if hide_first_axis else first
+    )
     graph = helper.make_graph(
         nodes,
-        "yolov8_seg_test_model",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch_dim, 3, h_dim, w_dim])],
+        name,
+        [helper.make_tensor_value_info("images", elem, [batch_dim, 3, h_dim, w_dim])],
         [
-            helper.make_tensor_value_info(
-                "output0",
-                TensorProto.FLOAT,
-                [batch_dim, "channels" if hide_channel_count else channels, count],
-            ),
-            helper.make_tensor_value_info(
-                "output1", TensorProto.FLOAT, [batch_dim, NUM_COEFFICIENTS, ph_dim, pw_dim]
-            ),
+            helper.make_tensor_value_info("output0", elem, [batch_dim, first_dim, second]),
+            helper.make_tensor_value_info("output1", elem, [batch_dim, NUM_COEFFICIENTS, ph_dim, pw_dim]),
         ],
         initializer=inits,
     )
@@ -241,9 +382,15 @@ def ultralytics_metadata_props(
     *,
     stride: int = 32,
     task: str = "segment",
+    batch: int = 1,
+    end2end: bool | None = None,
+    nms: bool | None = None,
     **extra: str,
 ) -> dict[str, str]:
     """``metadata_props`` as an Ultralytics export writes them (all values are strings).
+
+    ``end2end`` adds the ``end2end`` prop (YOLO26 exports: ``"True"``); ``nms`` adds the ``args``
+    dict an ``nms=True`` export of YOLOv8/YOLO11 carries (``"{'half': False, ..., 'nms': True}"``).
 
     Example:
         >>> ultralytics_metadata_props(["person", "car"], (640, 480))["names"]
@@ -254,10 +401,14 @@ def ultralytics_metadata_props(
         "imgsz": str(list(imgsz)),
         "stride": str(stride),
         "task": task,
-        "batch": "1",
+        "batch": str(batch),
         "author": "Ultralytics",
         "description": "Ultralytics YOLOv8n-seg model (segstream test)",
     }
+    if end2end is not None:
+        props["end2end"] = str(end2end)
+    if nms is not None:
+        props["args"] = str({"half": False, "dynamic": False, "simplify": True, "nms": nms, "batch": batch})
     props.update(extra)
     return props
 

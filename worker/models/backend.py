@@ -2,9 +2,10 @@
 
 The step (``worker.step.executor``), the CLI, the benchmarks and the training evaluation see a model
 only through this protocol. A backend takes BGR frames of any sizes, letterboxes them into its input
-size and returns, per frame, the raw outputs in the YOLOv8/YOLO11-seg layout that
-``worker.step.postprocess.postprocess_frame`` takes (:class:`RawSegmentation`), with the letterbox
-geometry needed to map them back to the frame.
+size and returns, per frame, the raw outputs (:class:`RawSegmentation`) in one of the layouts of
+``worker.models.layout`` (``classic`` YOLOv8/YOLO11-seg candidates, or ``end2end`` rows of a YOLO26 /
+``nms=True`` export), tagged with that layout, with the letterbox geometry needed to map them back to
+the frame; ``worker.step.postprocess.postprocess_raw`` takes both.
 
 Backends (``worker.models.registry.BACKENDS``): ``onnxruntime``
 (:class:`worker.models.onnx_backend.OnnxSegmentationModel`, any execution provider) and ``openvino``
@@ -12,7 +13,10 @@ Backends (``worker.models.registry.BACKENDS``): ``onnxruntime``
 
 :class:`LetterboxedBackend` holds what both share: per-thread pre-allocated input buffers, chunking
 a batch into engine calls (a fixed-batch model always runs its own batch size, the last chunk padded),
-the output-shape check and the input-size rules for dynamic-axes models.
+the output-shape check (against the layout decided at load) and the input-size rules for
+dynamic-axes models, including the rectangular letterbox (``model.letterbox: rect``: each batch runs at
+the smallest stride-multiple rectangle holding its frames, see
+``worker.models.letterbox.rect_input_size``).
 """
 
 from __future__ import annotations
@@ -20,16 +24,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from worker.errors import ModelError
-from worker.models.letterbox import LetterboxInfo, letterbox_batch
+from worker.models.layout import OutputLayout, check_run_outputs
+from worker.models.letterbox import LetterboxInfo, letterbox_batch, rect_input_size
 from worker.models.package import ModelMetadata
-from worker.models.signature import ModelSignature, check_outputs
+from worker.models.signature import ModelSignature
 
-__all__ = ["BackendInfo", "LetterboxedBackend", "RawSegmentation", "SegmentationBackend"]
+__all__ = ["BackendInfo", "LetterboxMode", "LetterboxedBackend", "RawSegmentation", "SegmentationBackend"]
+
+#: ``square``: every frame into the model's input size; ``rect``: the smallest stride-multiple
+#: rectangle holding the batch's frames (dynamic-axes models only)
+LetterboxMode = Literal["square", "rect"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +46,20 @@ class RawSegmentation:
     """The model's raw outputs for one frame.
 
     Attributes:
-        predictions: ``(4 + C + 32, N)`` float32: ``cx, cy, w, h`` in input pixels, C class
-            scores, 32 mask coefficients per candidate (a view into the batch output).
+        predictions: float32, a view into the batch output; by ``layout``:
+            ``classic``: ``(4 + C + 32, N)``: ``cx, cy, w, h`` in input pixels, C class scores,
+            32 mask coefficients per candidate (before NMS);
+            ``end2end``: ``(N, 6 + 32)`` rows ``x1, y1, x2, y2`` in input pixels, score, class id,
+            32 mask coefficients (after the model's own NMS).
         prototypes: ``(32, ph, pw)`` float32 mask prototypes (``ph, pw`` usually ``h/4, w/4``).
         letterbox: how the frame was placed in the input (to map boxes and masks back).
+        layout: which of the two ``predictions`` is (``worker.models.layout``).
     """
 
     predictions: np.ndarray
     prototypes: np.ndarray
     letterbox: LetterboxInfo
+    layout: OutputLayout = "classic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,8 @@ class LetterboxedBackend:
     input_size: tuple[int, int]
     #: most frames per engine call (None: the whole batch); a fixed-batch model runs its own size
     chunk_size: int | None = None
+    #: how frames are letterboxed (``rect`` only for dynamic-axes models)
+    letterbox_mode: LetterboxMode = "square"
     _source: str
     _closed: bool = False
 
@@ -157,19 +173,24 @@ class LetterboxedBackend:
             return []
         static = self.signature.static_batch
         capacity = static or min(self.chunk_size or len(images), len(images))
-        buffer = self._buffer(capacity)
+        layout = self.metadata.output_layout
         results: list[RawSegmentation] = []
         for start in range(0, len(images), capacity):
             chunk = images[start : start + capacity]
-            batch, infos = letterbox_batch(chunk, self.input_size, self.metadata.pad_value, out=buffer)
+            size = self.input_size
+            if self.letterbox_mode == "rect":
+                size = rect_input_size([im.shape[:2] for im in chunk], self.input_size, self.metadata.stride)
+            buffer = self._buffer(capacity, size)
+            batch, infos = letterbox_batch(chunk, size, self.metadata.pad_value, out=buffer)
             if static is not None and len(chunk) < capacity:
                 buffer[len(chunk) :] = np.float32(self.metadata.pad_value) / np.float32(255.0)
                 batch = buffer
             predictions, prototypes = self._run(batch)
             try:
-                check_outputs(
+                check_run_outputs(
                     predictions,
                     prototypes,
+                    layout=layout,
                     batch=batch.shape[0],
                     num_classes=self.num_classes,
                     source=self._source,
@@ -180,7 +201,7 @@ class LetterboxedBackend:
             predictions = np.asarray(predictions, dtype=np.float32)
             prototypes = np.asarray(prototypes, dtype=np.float32)
             results.extend(
-                RawSegmentation(predictions[i], prototypes[i], info) for i, info in enumerate(infos)
+                RawSegmentation(predictions[i], prototypes[i], info, layout) for i, info in enumerate(infos)
             )
         return results
 
@@ -192,13 +213,28 @@ class LetterboxedBackend:
         """Mark the model closed; subclasses release their engine objects too."""
         self._closed = True
 
-    def _buffer(self, capacity: int) -> np.ndarray:
-        buffer: np.ndarray | None = getattr(self._local, "buffer", None)
-        if buffer is None or buffer.shape[0] < capacity:
-            height, width = self.input_size
-            buffer = np.empty((capacity, 3, height, width), np.float32)
-            self._local.buffer = buffer
-        return buffer
+    def _buffer(self, capacity: int, size: tuple[int, int]) -> np.ndarray:
+        """This thread's ``(capacity, 3, h, w)`` input buffer (a view of one flat allocation, so the
+        rectangular letterbox's smaller inputs reuse the memory of the largest)."""
+        height, width = size
+        needed = capacity * 3 * height * width
+        flat: np.ndarray | None = getattr(self._local, "buffer", None)
+        if flat is None or flat.size < needed:
+            max_h, max_w = self.input_size
+            flat = np.empty(max(needed, capacity * 3 * max_h * max_w), np.float32)
+            self._local.buffer = flat
+        return flat[:needed].reshape(capacity, 3, height, width)
+
+    def _choose_letterbox(self, mode: str) -> LetterboxMode:
+        if mode not in ("square", "rect"):
+            raise ValueError(f"letterbox must be 'square' or 'rect', got {mode!r}")
+        if mode == "rect" and not self.metadata.dynamic_input:
+            raise ModelError(
+                f"{self._source}: model.letterbox: rect needs a model with dynamic spatial axes; this "
+                f"one's input is fixed at {list(self.metadata.input_size)} (use letterbox: square)",
+                model_id=self.model_id,
+            )
+        return "rect" if mode == "rect" else "square"
 
     def _choose_input_size(self, requested: tuple[int, int] | None) -> tuple[int, int]:
         native = self.metadata.input_size

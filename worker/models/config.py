@@ -13,7 +13,19 @@ class here, and the section is a pydantic discriminated union on ``backend`` (a 
         - CPUExecutionProvider
       allow_fallback: true
 
-Common to all: ``models_dir`` and ``input_size`` (run a dynamic-axes model at another size).
+Common to all: ``models_dir``, ``files`` (model ids bound to an ``.onnx`` file or a package folder
+anywhere, e.g. an Ultralytics export as exported), ``input_size`` (run a dynamic-axes model at another
+size) and ``letterbox`` (``square``, or ``rect`` for dynamic-axes models)::
+
+    model:
+      files:
+        yolo/1: /models/yolo11n-seg.onnx       # the workflow's model_id "yolo/1" loads this file
+      letterbox: square
+
+``letterbox``: ``square`` (the default) pads every frame to the model's square input, as the model was
+trained; ``rect`` runs each batch at the smallest stride-multiple rectangle holding its frames (a 16:9
+frame at 480 runs at 288x480), as Ultralytics' predictor does: about 40 % less compute, at some
+accuracy for a model tuned square (``benchmarks/letterbox.py`` measures both on the demo clip).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from pydantic import (
     field_validator,
 )
 
+from worker.ids import model_id_problem
 from worker.models.remote.config import RemoteModelConfig
 
 __all__ = [
@@ -56,9 +69,29 @@ class _Strict(BaseModel):
 
 class _Common(_Strict):
     models_dir: Path | None = Field(None, description="else $SEGSTREAM_MODELS_DIR, else the bundled models")
+    files: dict[str, Path] = Field(
+        default_factory=dict,
+        description="model ids ('project/version') bound to an .onnx file or a package folder anywhere; "
+        "looked up before models_dir",
+    )
     input_size: tuple[int, int] | None = Field(
         None, description="run the model at (h, w) instead of its default (dynamic-axes models only)"
     )
+    letterbox: Literal["square", "rect"] = Field(
+        "square",
+        description="square: pad every frame to the model's input size; rect: each batch at the smallest "
+        "stride-multiple rectangle holding its frames (dynamic-axes models only; faster, less accurate "
+        "for a model trained square)",
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _file_ids(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for model_id in value:
+            problem = model_id_problem(model_id)
+            if problem is not None:
+                raise ValueError(f"files: {problem}")
+        return value
 
 
 _PROVIDER_NAME = r"^[A-Za-z][A-Za-z0-9]*ExecutionProvider$"

@@ -1,4 +1,4 @@
-"""COCO evaluation through the worker's own code (backend → ``postprocess_frame`` → RLE as published).
+"""COCO evaluation through the worker's own code (backend → ``postprocess_raw`` → RLE as published).
 
 Used by ``segstream quantize`` (accuracy of an INT8 package against its float model), by
 ``benchmarks/backends.py`` and by ``training/evaluate.py``:
@@ -30,7 +30,7 @@ from pycocotools.cocoeval import COCOeval
 from worker.errors import ModelError
 from worker.models.backend import SegmentationBackend
 from worker.step.detections import Detections
-from worker.step.postprocess import PostprocessParams, postprocess_frame
+from worker.step.postprocess import PostprocessParams, postprocess_raw
 from worker.step.rle import encode_crop
 
 __all__ = [
@@ -69,7 +69,7 @@ def predict(
     def flush() -> None:
         for raw in model.infer(chunk):
             for k, p in enumerate(params):
-                out[k].append(postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, p))
+                out[k].append(postprocess_raw(raw, p, len(model.class_names)))
         chunk.clear()
 
     for img in images:

@@ -29,6 +29,7 @@ __all__ = [
     "letterbox",
     "letterbox_batch",
     "map_boxes_to_frame",
+    "rect_input_size",
 ]
 
 #: the letterbox padding value (all three channels) of YOLO models, Ultralytics' and the reference's
@@ -266,6 +267,38 @@ def letterbox(
     for channel, plane in enumerate((red, green, blue)):
         np.divide(plane, _255, out=out[channel, y0:y1, x0:x1], casting="unsafe")
     return out, info
+
+
+def rect_input_size(
+    orig_sizes: Sequence[tuple[int, int]], max_size: tuple[int, int], stride: int
+) -> tuple[int, int]:
+    """The rectangular input of a batch for a dynamic-axes model (``model.letterbox: rect``).
+
+    Each frame is scaled as into ``max_size`` (``min(h / H, w / W)``) and its resized size rounded up
+    to a multiple of ``stride`` (Ultralytics' ``LetterBox(auto=True)``); the batch takes the largest
+    height and width of its frames, so every frame keeps that scale (a 1920x1080 frame at 480x480
+    runs at 288x480).
+
+    Args:
+        orig_sizes: ``(H, W)`` of each frame (at least one).
+        max_size: the model's input size ``(h, w)``, multiples of ``stride``.
+        stride: the model's largest stride.
+
+    Returns:
+        ``(h, w)``, multiples of ``stride``, at most ``max_size``.
+
+    Example:
+        >>> rect_input_size([(1080, 1920)], (480, 480), 32)
+        (288, 480)
+    """
+    max_h, max_w = max_size
+    height = width = stride
+    for frame_h, frame_w in orig_sizes:
+        scale = min(max_h / frame_h, max_w / frame_w)
+        new_h, new_w = round(frame_h * scale), round(frame_w * scale)
+        height = max(height, min(-(-new_h // stride) * stride, max_h))
+        width = max(width, min(-(-new_w // stride) * stride, max_w))
+    return height, width
 
 
 def letterbox_batch(

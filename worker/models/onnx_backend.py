@@ -1,4 +1,4 @@
-"""The local ONNX Runtime backend for YOLOv8/YOLO11-seg layout models.
+"""The local ONNX Runtime backend for YOLO segmentation models (both layouts of ``worker.models.layout``).
 
 ``OnnxSegmentationModel.infer`` takes a batch of BGR frames of any sizes, letterboxes each into
 the model's input size (one pre-allocated buffer per calling thread), runs it through
@@ -35,8 +35,9 @@ import onnxruntime as ort
 
 from worker.errors import ModelError
 from worker.models.backend import BackendInfo, LetterboxedBackend, RawSegmentation
+from worker.models.layout import output_indices
 from worker.models.package import ModelMetadata, build_metadata, locate_package, read_metadata_file
-from worker.models.signature import ORT_ERRORS, ModelSignature, check_layout, read_signature
+from worker.models.signature import ORT_ERRORS, ModelSignature, read_signature
 
 __all__ = ["OnnxSegmentationModel", "ProviderSpec", "RawSegmentation", "resolve_providers"]
 
@@ -130,6 +131,8 @@ class OnnxSegmentationModel(LetterboxedBackend):
         session_batch: most frames per ``session.run`` (``None``: 1 for a single-threaded
             session on the CPU provider alone, else the whole batch; see the module's docstring).
             A fixed-batch model always runs its own batch size.
+        letterbox: ``square`` (every frame into ``input_size``) or ``rect`` (each batch at the
+            smallest stride-multiple rectangle holding its frames; dynamic-axes models only).
 
     Raises:
         ModelError: missing files, bad metadata, unloadable ONNX, unavailable provider, layout that
@@ -153,6 +156,7 @@ class OnnxSegmentationModel(LetterboxedBackend):
         warmup: bool = True,
         model_id: str | None = None,
         session_batch: int | None = None,
+        letterbox: str = "square",
     ) -> None:
         super().__init__()
         if session_batch is not None and session_batch < 1:
@@ -198,7 +202,7 @@ class OnnxSegmentationModel(LetterboxedBackend):
         try:
             self.signature: ModelSignature = read_signature(self._session)
             self.metadata: ModelMetadata = build_metadata(self.signature, file_fields, source=self._source)
-            self._pred_index, self._proto_index = check_layout(self.signature, self.metadata.num_classes)
+            self._pred_index, self._proto_index = output_indices(self.signature, self.metadata.num_classes)
         except ModelError as exc:
             exc.model_id = model_id
             raise
@@ -209,6 +213,7 @@ class OnnxSegmentationModel(LetterboxedBackend):
             )
         self._input_dtype = _INPUT_TYPES[input_type]
         self.input_size: tuple[int, int] = self._choose_input_size(input_size)
+        self.letterbox_mode = self._choose_letterbox(letterbox)
         used = self.providers
         if session_batch is None and intra_op_threads == 1 and used == ["CPUExecutionProvider"]:
             session_batch = 1

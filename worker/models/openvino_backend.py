@@ -33,6 +33,7 @@ import numpy as np
 
 from worker.errors import ModelError
 from worker.models.backend import BackendInfo, LetterboxedBackend, RawSegmentation
+from worker.models.layout import output_indices
 from worker.models.package import (
     ModelMetadata,
     build_metadata,
@@ -40,7 +41,7 @@ from worker.models.package import (
     read_metadata_file,
     read_package_signature,
 )
-from worker.models.signature import ModelSignature, check_layout, signature_of_openvino_model
+from worker.models.signature import ModelSignature, signature_of_openvino_model
 
 __all__ = ["OpenVinoSegmentationModel", "cpu_supports_bf16"]
 
@@ -85,6 +86,8 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
             requests, else the whole batch; a fixed-batch model runs its own size).
         warmup: run one padding-only frame at load time.
         model_id: the id the model was loaded under, for messages.
+        letterbox: ``square`` or ``rect`` (dynamic-axes models only: the spatial axes then stay
+            dynamic in the compiled model).
 
     Raises:
         ModelError: missing files, bad metadata, a layout mismatch, a device OpenVINO lacks, or a
@@ -107,6 +110,7 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
         session_batch: int | None = None,
         warmup: bool = True,
         model_id: str | None = None,
+        letterbox: str = "square",
     ) -> None:
         super().__init__()
         if threads < 0 or num_requests < 1 or (session_batch is not None and session_batch < 1):
@@ -147,12 +151,13 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
                 graph.input_name, graph.input_shape, graph.output_names, graph.output_shapes, props
             )
             self.metadata: ModelMetadata = build_metadata(self.signature, file_fields, source=self._source)
-            self._pred_index, self._proto_index = check_layout(self.signature, self.metadata.num_classes)
+            self._pred_index, self._proto_index = output_indices(self.signature, self.metadata.num_classes)
         except ModelError as exc:
             exc.model_id = model_id
             raise
         self.input_size: tuple[int, int] = self._choose_input_size(input_size)
-        height, width = self.input_size
+        self.letterbox_mode = self._choose_letterbox(letterbox)
+        height, width = self.input_size if self.letterbox_mode == "square" else (-1, -1)
         batch_dim = self.signature.static_batch or -1
         try:
             model.reshape({model.inputs[0]: ov.PartialShape([batch_dim, 3, height, width])})

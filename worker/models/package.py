@@ -23,6 +23,9 @@ give an ONNX export.
       "pad_value": 114,                        # letterbox padding value (0..255, all channels)
       "stride": 32,                            # the model's largest stride
       "dynamic_input": false,                  # must agree with the ONNX graph when given
+      "end2end": false,                        # true: an end-to-end head [B, N, 6 + 32] (NMS in the
+                                               # graph); default: the export's metadata_props, else
+                                               # the shapes (see worker.models.layout)
       "recommended_parameters": {              # used by confidence_mode "best"
         "confidence": 0.45,
         "per_class_confidence": {"bolt": 0.6}  # keys must be class names
@@ -34,11 +37,15 @@ give an ONNX export.
 
 An Ultralytics ONNX export carries its metadata in the file's ``metadata_props``: ``names`` (a
 Python dict literal ``"{0: 'person', 1: 'car'}"``), ``imgsz`` (``"[640, 640]"``), ``stride``
-(``"32"``) and ``task`` (``"segment"``). Where both exist, a field of ``metadata.json`` wins over
-the same field of ``metadata_props``. ``dynamic_input`` always comes from the graph.
+(``"32"``), ``task`` (``"segment"``), ``batch`` (``"1"``), and for an end-to-end head ``end2end``
+(``"True"``) or ``args`` (``"{'nms': True, ...}"``). Where both exist, a field of ``metadata.json``
+wins over the same field of ``metadata_props``. ``dynamic_input`` always comes from the graph. A key
+that neither gives and the graph cannot tell (class names; the input size of a dynamic-axes model) is
+an error naming it.
 
-The model's layout is checked when it is loaded: one input ``[B, 3, h, w]``, one rank-3 output
-``[B, 4 + C + 32, N]`` (C = number of class names) and one rank-4 output ``[B, 32, h/4, w/4]``.
+The model's layout is decided and checked when it is loaded (``worker.models.layout``): one input
+``[B, 3, h, w]``, prototypes ``[B, 32, h/4, w/4]`` and predictions either ``[B, 4 + C + 32, N]``
+(classic) or ``[B, N, 6 + 32]`` (end-to-end); ``ModelMetadata.output_layout`` says which.
 """
 
 from __future__ import annotations
@@ -54,11 +61,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.errors import ModelError
+from worker.models.layout import OutputLayout, determine_layout
 from worker.models.letterbox import PAD_VALUE
 from worker.models.signature import (
     NUM_MASK_COEFFICIENTS,
     ModelSignature,
-    check_layout,
     read_ir_signature,
     read_onnx_signature,
 )
@@ -83,6 +90,8 @@ __all__ = [
 ]
 
 _DESCRIPTIVE_PROPS = ("author", "date", "version", "license", "description", "docs")
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no", "none", ""}
 
 WEIGHTS_FILE = "weights.onnx"
 IR_WEIGHTS_FILE = "weights.xml"
@@ -120,6 +129,9 @@ class ModelMetadata(BaseModel):
         task: always ``"segment"``.
         recommended_parameters: optional recommended confidence thresholds.
         dynamic_input: whether the ONNX input has dynamic spatial axes (other input sizes allowed).
+        output_layout: ``classic`` (``[B, 4 + C + 32, N]``, NMS in post-processing) or ``end2end``
+            (``[B, N, 6 + 32]`` rows, NMS done by the model); decided at load from the metadata and
+            the graph (``worker.models.layout``).
         provenance: free-form description of how the model was made.
         metrics: free-form evaluation results (e.g. mAP on a held-out set).
         quantization: how an INT8 package was made from its float model and what it measured
@@ -135,6 +147,7 @@ class ModelMetadata(BaseModel):
     task: Literal["segment"] = "segment"
     recommended_parameters: RecommendedParameters | None = None
     dynamic_input: bool = False
+    output_layout: OutputLayout = "classic"
     provenance: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     quantization: dict[str, Any] | None = None
@@ -185,6 +198,7 @@ class PackageMetadataFile(BaseModel):
     pad_value: int | None = None
     stride: int | None = None
     dynamic_input: bool | None = None
+    end2end: bool | None = None
     recommended_parameters: RecommendedParameters | None = None
     provenance: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
@@ -405,10 +419,46 @@ def parse_ultralytics_metadata(props: Mapping[str, str]) -> dict[str, Any]:
         fields["stride"] = stride
     if "task" in props:
         fields["task"] = props["task"]
+    if "batch" in props and not isinstance(_literal(props, "batch"), int):
+        raise ModelError(f"metadata_props 'batch' must be an integer, got {props['batch']!r}")
+    end2end = _declared_end2end(props)
+    if end2end is not None:
+        fields["end2end"] = end2end
     described = {k: v for k, v in props.items() if k in _DESCRIPTIVE_PROPS}
     if described:
         fields["provenance"] = {"metadata_props": described}
     return fields
+
+
+def _flag(props: Mapping[str, Any], key: str) -> bool | None:
+    value = props.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ModelError(f"metadata_props {key!r} must be True or False, got {value!r}")
+
+
+def _declared_end2end(props: Mapping[str, str]) -> bool | None:
+    """Whether the export says its head is end-to-end: ``end2end``, ``nms``, ``args['nms'/'end2end']``.
+
+    Any of them true: True; all present ones false: False; none present: None.
+    """
+    flags = [_flag(props, "end2end"), _flag(props, "nms")]
+    if "args" in props:
+        args = _literal(props, "args")
+        if not isinstance(args, dict):
+            raise ModelError(f"metadata_props 'args' must be a dict, got {props['args']!r}")
+        flags += [_flag(args, "nms"), _flag(args, "end2end")]
+    present = [f for f in flags if f is not None]
+    if not present:
+        return None
+    return any(present)
 
 
 def build_metadata(
@@ -445,9 +495,15 @@ def build_metadata(
     fields["dynamic_input"] = signature.dynamic_spatial
     if "class_names" not in fields:
         raise ModelError(
-            f"{source}: no class names: give {METADATA_FILE} 'class_names' or an ONNX file with "
-            "Ultralytics metadata_props 'names'"
+            f"{source}: no class names: missing key 'class_names' in {METADATA_FILE} and 'names' in the "
+            "ONNX file's metadata_props (an Ultralytics export writes it)"
         )
+    if fields.get("task", "segment") != "segment":
+        raise ModelError(
+            f"{source}: the model's task is {fields['task']!r} (metadata 'task'); segstream runs "
+            "instance segmentation models (task 'segment')"
+        )
+    declared_end2end = fields.pop("end2end", None)
     if "input_size" not in fields:
         if graph_size is None:
             raise ModelError(
@@ -465,10 +521,10 @@ def build_metadata(
     except ValidationError as exc:
         raise ModelError(f"{source}: invalid model metadata: {_validation_summary(exc)}") from exc
     try:
-        check_layout(signature, metadata.num_classes)
+        layout, _, _ = determine_layout(signature, metadata.num_classes, declared_end2end)
     except ModelError as exc:
         raise ModelError(f"{source}: {exc}") from exc
-    return metadata
+    return metadata.model_copy(update={"output_layout": layout})
 
 
 def load_model_metadata(path: str | Path) -> ModelMetadata:

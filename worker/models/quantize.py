@@ -271,6 +271,7 @@ def quantize_package(
                 "pad_value": metadata.pad_value,
                 "stride": metadata.stride,
                 "dynamic_input": metadata.dynamic_input,
+                "end2end": metadata.output_layout == "end2end",
             }
         )
         (staging / METADATA_FILE).write_text(json.dumps(base, indent=2) + "\n")

@@ -8,7 +8,9 @@ with segstream. The first directory that holds the folder wins.
 Ids can come from MQTT messages, so they are checked strictly before they touch the file system:
 exactly one ``/``, each part 1..100 characters of ``A-Z a-z 0-9 . _ -`` starting with a letter or
 digit (so no ``..``, no absolute paths, no hidden folders). A path to an ``.onnx`` file is not an id;
-the CLI can load a package folder directly with :meth:`ModelRegistry.load_path`.
+an id can be bound to a file (or a package folder) anywhere: the pipeline's ``model.files``
+(``{"yolo/1": "/models/yolo11n-seg.onnx"}``) and the CLI's ``--model [ID=]PATH`` are looked up before
+the models directories. :meth:`ModelRegistry.load_path` loads a path directly.
 
 Which engine loads a model is the pipeline's ``model.backend``: :data:`BACKENDS` maps each name to its
 settings class (``worker.models.config``) and the function that builds a
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -62,6 +64,7 @@ def _load_onnxruntime(path: Path, model_id: str | None, config: BaseModel) -> Se
         allow_fallback=config.allow_fallback,
         input_size=config.input_size,
         session_batch=config.session_batch,
+        letterbox=config.letterbox,
     )
 
 
@@ -79,6 +82,7 @@ def _load_openvino(path: Path, model_id: str | None, config: BaseModel) -> Segme
         cache_dir=config.cache_dir,
         input_size=config.input_size,
         session_batch=config.session_batch,
+        letterbox=config.letterbox,
     )
 
 
@@ -181,30 +185,45 @@ class ModelRegistry:
 
     Args:
         models_dirs: directories to search, in order (see :func:`default_models_dirs`).
+        files: model ids bound to a file or package folder, looked up first (``model.files``,
+            ``--model``); the model config's ``files`` given to :meth:`load` are looked up too.
 
     Loading is thread-safe: concurrent :meth:`load` calls for the same model and settings share
     one backend object.
     """
 
-    def __init__(self, models_dirs: Iterable[Path]) -> None:
+    def __init__(self, models_dirs: Iterable[Path], files: Mapping[str, Path] | None = None) -> None:
         self.models_dirs: tuple[Path, ...] = tuple(Path(d) for d in models_dirs)
+        self.files: dict[str, Path] = {}
+        for model_id, path in (files or {}).items():
+            validate_model_id(model_id)
+            self.files[model_id] = Path(path)
         self._cache: dict[tuple[Path, str], SegmentationBackend] = {}
         self._lock = threading.Lock()
 
-    def resolve(self, model_id: str) -> Path:
-        """The package folder of a model id: the first ``<dir>/<project>/<version>/`` that exists.
+    def resolve(self, model_id: str, files: Mapping[str, Path] | None = None) -> Path:
+        """Where a model id's weights are: its bound file (``files``, then the registry's), else the
+        first ``<dir>/<project>/<version>/`` that exists.
 
         Raises:
             InvalidModelIdError: the id is not a safe ``"project/version"``.
-            ModelError: no directory has it (the message lists where it looked and the ids there).
+            ModelError: a bound path does not exist, or no directory has the id (the message lists
+                where it looked and the ids there).
         """
         project, version = validate_model_id(model_id)
+        bound = (files or {}).get(model_id) or self.files.get(model_id)
+        if bound is not None:
+            if not bound.exists():
+                raise ModelError(
+                    f"model {model_id!r} is bound to {bound}, which does not exist", model_id=model_id
+                )
+            return bound
         for models_dir in self.models_dirs:
             candidate = models_dir / project / version
             if candidate.is_dir():
                 return candidate
         looked = ", ".join(str(d / project / version) for d in self.models_dirs) or "(no models directories)"
-        known = ", ".join(self.available_ids()) or "none"
+        known = ", ".join(sorted({*self.available_ids(), *self.files, *(files or {})})) or "none"
         raise ModelError(
             f"model {model_id!r} not found; looked in {looked}; available models: {known}",
             model_id=model_id,
@@ -246,7 +265,8 @@ class ModelRegistry:
             InvalidModelIdError: a bad id.
             ModelError: the model cannot be found or loaded.
         """
-        return self._load(self.resolve(model_id), model_id, config)
+        files = config.files if config is not None else None
+        return self._load(self.resolve(model_id, files), model_id, config)
 
     def load_path(self, package_path: Path, config: ModelRuntimeConfig | None = None) -> SegmentationBackend:
         """Load a model from a package folder (or weights file) given directly, e.g. on the CLI.
@@ -260,7 +280,7 @@ class ModelRegistry:
         self, path: Path, model_id: str | None, config: ModelRuntimeConfig | None
     ) -> SegmentationBackend:
         config = config if config is not None else OnnxRuntimeConfig()
-        key = (path.resolve(), config.model_dump_json(exclude={"models_dir"}))
+        key = (path.resolve(), config.model_dump_json(exclude={"models_dir", "files"}))
         with self._lock:
             model = self._cache.get(key)
             if model is None:

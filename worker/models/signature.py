@@ -1,4 +1,4 @@
-"""The graph's interface (inputs, outputs, metadata_props) and the YOLOv8-seg layout check.
+"""The graph's interface (inputs, outputs, metadata_props); the layouts are in ``worker.models.layout``.
 
 The interface is read from an ONNX Runtime session (:func:`read_signature`), from the ONNX file
 itself without any session (:func:`read_onnx_signature`, with the ``onnx`` package: a parse of the
@@ -224,69 +224,41 @@ def read_ir_signature(path: str | Path) -> ModelSignature:
     return signature_of_openvino_model(model)
 
 
-def check_layout(signature: ModelSignature, num_classes: int) -> tuple[int, int]:
-    """Check that a graph has the YOLOv8-seg layout for ``num_classes`` classes.
-
-    Dimensions that the graph leaves dynamic cannot be checked here; the backend checks the
-    actual outputs of every run as well.
-
-    Args:
-        signature: the graph's interface.
-        num_classes: C, the number of class names.
+def check_layout(
+    signature: ModelSignature, num_classes: int, declared_end2end: bool | None = False
+) -> tuple[int, int]:
+    """Check a graph's declared shapes against a layout; see :func:`worker.models.layout.determine_layout`.
 
     Returns:
         ``(predictions_index, prototypes_index)``: which output is which.
 
     Raises:
-        ModelError: the input is not ``[B, 3, h, w]``, or the outputs are not
-            ``[B, 4 + C + 32, N]`` and ``[B, 32, h/4, w/4]``.
+        ModelError: the input is not ``[B, 3, h, w]`` or the outputs do not fit the layout.
     """
-    shape = signature.input_shape
-    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
-        raise ModelError(f"model input {signature.input_name!r} must be [B, 3, h, w], got {list(shape)}")
-    pred_index = signature.output_index(3)
-    proto_index = signature.output_index(4)
-    channels = signature.output_shapes[pred_index][1]
-    expected = 4 + num_classes + NUM_MASK_COEFFICIENTS
-    if isinstance(channels, int) and channels != expected:
-        raise ModelError(
-            f"model output {signature.output_names[pred_index]!r} has {channels} channels but "
-            f"{num_classes} class names need 4 + {num_classes} + {NUM_MASK_COEFFICIENTS} = {expected}"
-        )
-    proto_channels = signature.output_shapes[proto_index][1]
-    if isinstance(proto_channels, int) and proto_channels != NUM_MASK_COEFFICIENTS:
-        raise ModelError(
-            f"model output {signature.output_names[proto_index]!r} must have {NUM_MASK_COEFFICIENTS} "
-            f"prototype channels, got {proto_channels}"
-        )
+    from worker.models.layout import determine_layout
+
+    _, pred_index, proto_index = determine_layout(signature, num_classes, declared_end2end)
     return pred_index, proto_index
 
 
-def check_outputs(predictions: Any, prototypes: Any, *, batch: int, num_classes: int, source: str) -> None:
-    """Check the arrays one run produced (covers the dimensions a graph leaves dynamic).
-
-    Args:
-        predictions: the rank-3 output, expected ``(batch, 4 + C + 32, N)``.
-        prototypes: the rank-4 output, expected ``(batch, 32, ph, pw)``.
-        batch: frames in the run.
-        num_classes: C.
-        source: the model, for the error message.
+def check_outputs(
+    predictions: Any, prototypes: Any, *, batch: int, num_classes: int, source: str, layout: str = "classic"
+) -> None:
+    """Check one run's arrays; see :func:`worker.models.layout.check_run_outputs`.
 
     Raises:
         ModelError: a shape does not match.
     """
-    channels = 4 + num_classes + NUM_MASK_COEFFICIENTS
-    if predictions.ndim != 3 or predictions.shape[:2] != (batch, channels):
-        raise ModelError(
-            f"{source}: predictions output has shape {predictions.shape}, expected "
-            f"({batch}, {channels}, N) for {num_classes} classes "
-            f"(4 + {num_classes} + {NUM_MASK_COEFFICIENTS})"
-        )
-    if prototypes.ndim != 4 or prototypes.shape[:2] != (batch, NUM_MASK_COEFFICIENTS):
-        raise ModelError(
-            f"{source}: prototypes output has shape {prototypes.shape}, expected "
-            f"({batch}, {NUM_MASK_COEFFICIENTS}, h/4, w/4)"
-        )
+    from worker.models.layout import check_run_outputs
+
+    check_run_outputs(
+        predictions,
+        prototypes,
+        layout="end2end" if layout == "end2end" else "classic",
+        batch=batch,
+        num_classes=num_classes,
+        source=source,
+    )
 
 
 def _as_dims(shape: Sequence[Any]) -> tuple[Dim, ...]:

@@ -11,10 +11,15 @@ Models are loaded when the runner is built: every literal ``model_id`` and the `
 every input bound to a ``model_id``. A frame asking for any other model gets a ``ParameterError``
 (loading a model on the frame path would stall every camera for seconds and let a message grow the
 worker's memory without bound).
+
+A model with an end-to-end head (``worker.models.layout``: YOLO26, ``nms=True`` exports) has done its
+own NMS: the step's ``iou_threshold``, ``class_agnostic_nms`` and ``max_candidates`` have no effect on
+it. That is logged once, when the model is loaded, not per frame.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -34,11 +39,13 @@ from worker.models.remote.step_backend import RemoteStepBackend
 from worker.step.detections import Detections
 from worker.step.manifests import InstanceSegmentationStep
 from worker.step.parameters import DEFAULT_CONFIDENCE, ResolvedStepParameters
-from worker.step.postprocess import PostprocessParams, postprocess_frame
+from worker.step.postprocess import IGNORED_BY_END2END, PostprocessParams, drop_empty_masks, postprocess_raw
 from worker.step.serialize import serialize_predictions
 from worker.step.workflow import WorkflowDefinition, validate_runtime_inputs
 
-__all__ = ["BatchResult", "FrameOutcome", "WorkflowRunner", "class_thresholds"]
+__all__ = ["BatchResult", "FrameOutcome", "WorkflowRunner", "class_thresholds", "workflow_model_ids"]
+
+log = logging.getLogger(__name__)
 
 _PARAMS_CACHE_LIMIT = 256
 
@@ -90,6 +97,18 @@ def class_thresholds(params: ResolvedStepParameters, model: SegmentationBackend)
     fallback = DEFAULT_CONFIDENCE if recommended.confidence is None else recommended.confidence
     per_class = recommended.per_class_confidence
     return np.array([per_class.get(name, fallback) for name in names], dtype=np.float32)
+
+
+def workflow_model_ids(workflow: WorkflowDefinition) -> list[str]:
+    """The model ids a runner loads for ``workflow``: literal ids and bound inputs' defaults, in order."""
+    defaults = dict(workflow.parameter_defaults)
+    ids: list[str] = []
+    for step in workflow.steps:
+        input_name = step.bindings.get("model_id")
+        model_id = step.model_id if input_name is None else defaults.get(input_name)
+        if isinstance(model_id, str) and model_id not in ids:
+            ids.append(model_id)
+    return ids
 
 
 class WorkflowRunner:
@@ -148,9 +167,17 @@ class WorkflowRunner:
     def _load(self, model_id: str, step: InstanceSegmentationStep) -> SegmentationBackend:
         if model_id not in self._models:
             try:
-                self._models[model_id] = self._registry.load(model_id, self._model_config)
+                model = self._registry.load(model_id, self._model_config)
             except ModelError as exc:
                 raise ModelError(f"step {step.name!r}: field 'model_id': {exc}", model_id=model_id) from exc
+            self._models[model_id] = model
+            if model.metadata.output_layout == "end2end":
+                log.info(
+                    "model %s has an end-to-end head (NMS done by the model, rows [N, 6 + 32]): the "
+                    "step parameters %s have no effect on it",
+                    model_id,
+                    ", ".join(IGNORED_BY_END2END),
+                )
         return self._models[model_id]
 
     def _check_class_filter_at_load(self, step: InstanceSegmentationStep) -> None:
@@ -311,10 +338,10 @@ class WorkflowRunner:
                     outcomes[i].error = raw
                     continue
                 try:
-                    if isinstance(raw, Detections):
-                        detections = raw
+                    if isinstance(raw, Detections):  # a remote backend post-processed already
+                        detections = drop_empty_masks(raw)
                     else:
-                        detections = postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, post)
+                        detections = postprocess_raw(raw, post, len(model.class_names))
                     predictions = serialize_predictions(
                         detections,
                         model.class_names,

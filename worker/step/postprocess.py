@@ -5,6 +5,18 @@ Order (``shared/spec/step.md`` section 4): confidence threshold (score = best cl
 ``IoU > iou_threshold``, per class or class-agnostic), ``max_detections``, boxes mapped to the frame,
 then masks decoded on each box's crop.
 
+End-to-end heads (``worker.models.layout``: YOLO26, ``nms=True`` exports) give rows after the model's
+own NMS: ``x1, y1, x2, y2, score, class``, 32 coefficients (:func:`postprocess_end2end`). The
+confidence threshold (per class too), the class filter, ``max_detections`` (best scores first) and the
+mask modes apply to the rows exactly as above; ``iou_threshold``, ``class_agnostic_nms`` and
+``max_candidates`` have no effect (the model already decided; the runner says so once at start-up).
+:func:`postprocess_raw` takes a backend's ``RawSegmentation`` of either layout.
+
+Empty masks: one rule for every step version. A detection whose mask is empty after decoding (no pixel
+of its crop above 0.5, or a box thinner than a pixel) is dropped, after ``max_detections``, as the
+reference's serializers drop an instance without a polygon: v1-v3 polygons and v4 RLE masks publish
+the same instances, and the annotated frames, summaries and observers see only those.
+
 Coordinate conventions. Pixel ``i`` spans ``[i, i + 1)``; its centre is ``i + 0.5``. A frame point
 ``X`` lies at input point ``X * scale + pad_x`` and at prototype point ``(X * scale + pad_x) / stride``
 (``stride = w / pw``). Prototype cell ``k`` is sampled at its centre ``k + 0.5`` (``align_corners=False``,
@@ -50,15 +62,24 @@ from worker.step.defaults import MASK_DECODE_MODES, STEP_DEFAULTS, MaskDecodeMod
 from worker.step.detections import Detections, MaskCrops
 
 __all__ = [
+    "IGNORED_BY_END2END",
     "LetterboxLike",
     "MaskDecodeMode",
     "PostprocessParams",
+    "RawLike",
     "decode_masks",
+    "drop_empty_masks",
     "filter_candidates",
+    "filter_rows",
     "map_boxes_to_frame",
     "nms",
+    "postprocess_end2end",
     "postprocess_frame",
+    "postprocess_raw",
 ]
+
+#: the step parameters an end-to-end head has already applied (NMS, its candidate limit)
+IGNORED_BY_END2END = ("iou_threshold", "class_agnostic_nms", "max_candidates")
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -76,6 +97,19 @@ class LetterboxLike(Protocol):
     def orig_size(self) -> tuple[int, int]: ...  # (H, W) of the frame
     @property
     def input_size(self) -> tuple[int, int]: ...  # (h, w) of the model input
+
+
+class RawLike(Protocol):
+    """What :func:`postprocess_raw` needs of ``worker.models.backend.RawSegmentation``."""
+
+    @property
+    def predictions(self) -> FloatArray: ...
+    @property
+    def prototypes(self) -> FloatArray: ...
+    @property
+    def letterbox(self) -> LetterboxLike: ...
+    @property
+    def layout(self) -> str: ...
 
 
 @dataclass(frozen=True, eq=False)  # array fields: compare by identity
@@ -346,7 +380,7 @@ def postprocess_frame(
         params: resolved parameters.
 
     Returns:
-        ``Detections`` sorted by confidence, highest first.
+        ``Detections`` sorted by confidence, highest first; those with an empty mask dropped.
 
     Raises:
         ValueError: array shapes disagree (message gives expected vs. actual).
@@ -370,10 +404,134 @@ def postprocess_frame(
     )
     xyxy = map_boxes_to_frame(xyxy_input[kept], letterbox)
     coefficients = np.ascontiguousarray(predictions[4 + num_classes :, index[kept]].T, dtype=np.float32)
+    return _with_masks(xyxy, score[kept], class_id[kept], coefficients, prototypes, letterbox, params)
+
+
+def _with_masks(
+    xyxy: FloatArray,
+    score: FloatArray,
+    class_id: npt.NDArray[np.int64],
+    coefficients: FloatArray,
+    prototypes: FloatArray,
+    letterbox: LetterboxLike,
+    params: PostprocessParams,
+) -> Detections:
+    """Decode the masks and build the ``Detections``, dropping those whose mask is empty."""
     masks = decode_masks(
         coefficients, prototypes, xyxy, letterbox, params.mask_decode_mode, params.tradeoff_factor
     )
     height, width = letterbox.orig_size
-    return Detections(
-        xyxy=xyxy, confidence=score[kept], class_id=class_id[kept], masks=masks, frame_shape=(height, width)
+    detections = Detections(
+        xyxy=xyxy, confidence=score, class_id=class_id, masks=masks, frame_shape=(height, width)
     )
+    return drop_empty_masks(detections)
+
+
+def drop_empty_masks(detections: Detections) -> Detections:
+    """The detections whose mask has at least one pixel (the one empty-mask rule, every version)."""
+    crops = detections.masks.crops
+    nonempty = np.fromiter((crop.any() for crop in crops), dtype=bool, count=len(crops))
+    return detections if nonempty.all() else detections[nonempty]
+
+
+def filter_rows(
+    rows: FloatArray, num_classes: int, params: PostprocessParams
+) -> tuple[npt.NDArray[np.intp], FloatArray, npt.NDArray[np.int64]]:
+    """Confidence threshold, class filter and ``max_detections`` on an end-to-end head's rows.
+
+    Args:
+        rows: float32 ``(N, 6 + M)``: ``x1, y1, x2, y2, score, class``, M coefficients. Not modified.
+        num_classes: C (the model's class names).
+        params: thresholds (per class too), allowed classes, ``max_detections``.
+
+    Returns:
+        ``(index, score, class_id)`` of the kept rows, highest score first (ties: lower row first).
+
+    Raises:
+        ValueError: a row that passes the threshold has a class id outside ``0..C-1`` (the metadata's
+            class names do not match the model), or per-class thresholds do not have C entries.
+    """
+    score = rows[:, 4]
+    class_value = rows[:, 5]
+    class_id = np.rint(class_value).astype(np.int64)
+    valid = np.isfinite(score) & np.isfinite(class_value) & (class_id >= 0) & (class_id < num_classes)
+    thr = np.asarray(params.confidence, dtype=np.float32)
+    if thr.ndim == 1:
+        if thr.shape != (num_classes,):
+            raise ValueError(f"per-class confidence: expected shape ({num_classes},), got {thr.shape}")
+        thr = thr[np.clip(class_id, 0, num_classes - 1)]
+    passing = score >= thr
+    broken = passing & ~valid
+    if broken.any():
+        bad = class_value[broken][:5].tolist()
+        raise ValueError(
+            f"end-to-end rows with class {bad} outside the model's {num_classes} class names (do the "
+            "metadata's class names match the model?)"
+        )
+    keep = passing & valid
+    if params.class_ids is not None:
+        keep &= np.isin(class_id, np.asarray(params.class_ids))
+    index = np.flatnonzero(keep)
+    order = np.argsort(-score[index], kind="stable")[: params.max_detections]
+    index = index[order]
+    return index, score[index].astype(np.float32), class_id[index]
+
+
+def postprocess_end2end(
+    rows: FloatArray,
+    prototypes: FloatArray,
+    letterbox: LetterboxLike,
+    params: PostprocessParams,
+    num_classes: int,
+) -> Detections:
+    """An end-to-end head's rows of one frame -> ``Detections`` in frame pixels with mask crops.
+
+    Args:
+        rows: float32 ``(N, 6 + M)``: ``x1, y1, x2, y2`` (input pixels), score, class id, M mask
+            coefficients, as the model's own NMS left them. Not modified.
+        prototypes: float32 ``(M, ph, pw)``. Not modified.
+        letterbox: the frame's geometry.
+        params: resolved parameters (``iou_threshold``, ``class_agnostic_nms``, ``max_candidates``
+            have no effect here).
+        num_classes: C.
+
+    Returns:
+        ``Detections`` sorted by confidence, highest first; empty masks dropped.
+
+    Raises:
+        ValueError: array shapes disagree, or a class id outside the class names.
+    """
+    if prototypes.ndim != 3:
+        raise ValueError(f"prototypes: expected shape (M, ph, pw), got {prototypes.shape}")
+    m = prototypes.shape[0]
+    if rows.ndim != 2 or rows.shape[1] != 6 + m:
+        raise ValueError(f"end-to-end rows: expected shape (N, 6 + {m}), got {rows.shape}")
+    index, score, class_id = filter_rows(rows, num_classes, params)
+    xyxy_input = rows[index, :4].astype(np.float64)
+    xyxy = map_boxes_to_frame(xyxy_input, letterbox)
+    coefficients = np.ascontiguousarray(rows[index, 6:], dtype=np.float32)
+    return _with_masks(xyxy, score, class_id, coefficients, prototypes, letterbox, params)
+
+
+def postprocess_raw(raw: RawLike, params: PostprocessParams, num_classes: int) -> Detections:
+    """A backend's raw outputs of one frame (either layout) -> ``Detections``.
+
+    Args:
+        raw: ``worker.models.backend.RawSegmentation`` (``layout`` ``classic`` or ``end2end``).
+        params: resolved parameters.
+        num_classes: C, the model's class names (checked against a classic output's channels).
+
+    Raises:
+        ValueError: unknown layout, shapes that disagree, or classes that do not match.
+    """
+    if raw.layout == "end2end":
+        return postprocess_end2end(raw.predictions, raw.prototypes, raw.letterbox, params, num_classes)
+    if raw.layout != "classic":
+        raise ValueError(f"unknown output layout {raw.layout!r} (classic or end2end)")
+    m = raw.prototypes.shape[0] if raw.prototypes.ndim == 3 else 0
+    if raw.predictions.ndim == 2 and raw.predictions.shape[0] != 4 + num_classes + m:
+        raise ValueError(
+            f"predictions: {raw.predictions.shape[0]} channels, expected 4 + {num_classes} + {m} for "
+            f"{num_classes} class names"
+        )
+    return postprocess_frame(raw.predictions, raw.prototypes, raw.letterbox, params)
