@@ -294,3 +294,38 @@ def test_ignored_parameters_are_reported_once_at_start_up(
     assert all(
         name in notes[0].getMessage() for name in ("iou_threshold", "class_agnostic_nms", "max_candidates")
     )
+
+
+def test_an_end2end_head_computed_like_yolo26_runs_on_both_backends(tmp_path: Path) -> None:
+    from tests.support.onnx_models import build_end2end_head_model
+    from worker.models.openvino_backend import materialize_sliced_gathers
+
+    # 6 candidates (x1, y1, x2, y2 in input pixels); the head keeps the best 3 by their best class score
+    boxes = np.array(
+        [[8, 16, 40, 48], [30, 0, 60, 20], [0, 0, 10, 10], [1, 1, 5, 5], [2, 2, 6, 6], [3, 3, 7, 7]]
+    )
+    scores = np.zeros((6, 3), np.float32)
+    scores[[0, 1, 2, 3, 4, 5], [1, 0, 2, 0, 1, 2]] = [0.9, 0.5, 0.3, 0.05, 0.04, 0.2]
+    coefs = np.zeros((6, 32), np.float32)
+    coefs[0, 0] = coefs[1, 1] = coefs[5, 1] = 1.0
+    candidates = np.concatenate([boxes, scores, coefs], axis=1).T.astype(np.float32)
+    props = ultralytics_metadata_props(NAMES, (64, 64), end2end=True)
+    model = build_end2end_head_model(candidates, 3, max_det=3, prototypes=_prototypes(), metadata_props=props)
+    path = save_model(model, tmp_path / "yolo26n-seg.onnx")
+    results = {}
+    for name, config in BACKENDS.items():
+        loaded = load_backend(path, config)
+        raw, dets = _detect(loaded, np.zeros((64, 64, 3), np.uint8), confidence=0.1)
+        # rows best first: the nut (0.9), the bolt (0.5), the washer (0.3); then post-processing:
+        # the washer at 0.3 passes but its mask is empty (no coefficients): dropped
+        np.testing.assert_allclose(raw.predictions[:, 4], [0.9, 0.5, 0.3], rtol=1e-6)
+        assert raw.predictions[:, 5].tolist() == [1.0, 0.0, 2.0]
+        assert dets.class_id.tolist() == [1, 0]
+        np.testing.assert_allclose(dets.xyxy, [[8, 16, 40, 48], [30, 0, 60, 20]], atol=1e-4)
+        results[name] = [dets.masks.paste(i, (64, 64)) for i in range(len(dets))]
+    assert all(np.array_equal(a, b) for a, b in zip(results["onnxruntime"], results["openvino"], strict=True))
+    assert int(results["onnxruntime"][0].sum()) == 16 * 32
+    import openvino as ov
+
+    graph = ov.Core().read_model(str(path))
+    assert materialize_sliced_gathers(graph) == 3  # boxes, scores and coefficients

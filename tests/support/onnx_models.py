@@ -47,6 +47,7 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = [
     "END2END_COLUMNS",
     "NUM_COEFFICIENTS",
+    "build_end2end_head_model",
     "build_end2end_model",
     "build_segmentation_model",
     "candidate_rows",
@@ -259,6 +260,99 @@ def build_end2end_model(
         half=half,
         name="yolo26_seg_end2end_test_model",
     )
+
+
+def build_end2end_head_model(
+    candidates: np.ndarray,
+    num_classes: int,
+    *,
+    max_det: int,
+    prototypes: np.ndarray | None = None,
+    input_size: tuple[int, int] = (64, 64),
+    metadata_props: Mapping[str, str] | None = None,
+) -> onnx.ModelProto:
+    """An end-to-end head built the way a YOLO26 export computes its rows (not a constant table).
+
+    From ``candidates`` (``(4 + C + 32, N)``: ``x1, y1, x2, y2``, C scores, 32 coefficients): transpose
+    to ``[B, N, 4 + C + 32]``, slice boxes / scores / coefficients (``x[..., :4]``, ``x[..., 4:4 + C]``,
+    ``x[..., 4 + C:]``), ``TopK`` of each candidate's best score, ``GatherElements`` of the three slices
+    at the kept indices, class = argmax, then ``Concat`` into ``[B, max_det, 6 + 32]`` rows, best first.
+    The ``Slice -> GatherElements`` pattern is the one OpenVINO's CPU plugin mis-folds (see
+    ``worker.models.openvino_backend.materialize_sliced_gathers``).
+    """
+    height, width = input_size
+    channels = 4 + num_classes + NUM_COEFFICIENTS
+    cand = np.asarray(candidates, np.float32)
+    if cand.ndim != 2 or cand.shape[0] != channels or cand.shape[1] < max_det:
+        raise ValueError(f"candidates must be ({channels}, N >= {max_det}), got {cand.shape}")
+    protos = (
+        np.zeros((NUM_COEFFICIENTS, height // 4, width // 4), np.float32)
+        if prototypes is None
+        else np.asarray(prototypes, np.float32)
+    )
+    count = cand.shape[1]
+    big = np.iinfo(np.int64).max
+
+    def i64(name: str, *values: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    inits = [
+        numpy_helper.from_array(cand[None], "cand"),
+        numpy_helper.from_array(protos[None], "protos"),
+        i64("i0", 0), i64("i1", 1), i64("minus1", -1),
+        i64("cand_tail", channels, count), i64("proto_tail", NUM_COEFFICIENTS, height // 4, width // 4),
+        i64("s0", 0), i64("e4", 4), i64("s4", 4), i64("eC", 4 + num_classes), i64("sC", 4 + num_classes),
+        i64("eBig", big), i64("k", max_det),
+        i64("tail4", max_det, 4), i64("tailC", max_det, num_classes), i64("tailM", max_det, NUM_COEFFICIENTS),
+    ]  # fmt: skip
+    node = helper.make_node
+    nodes = [
+        node("Shape", ["images"], ["shape"]),
+        node("Slice", ["shape", "i0", "i1"], ["batch"]),
+        node("Concat", ["batch", "cand_tail"], ["cand_shape"], axis=0),
+        node("Expand", ["cand", "cand_shape"], ["cand_b"]),
+        node("Transpose", ["cand_b"], ["rows"], perm=[0, 2, 1]),  # [B, N, 4 + C + 32]
+        node("Slice", ["rows", "s0", "e4", "minus1"], ["boxes"]),
+        node("Slice", ["rows", "s4", "eC", "minus1"], ["scores"]),
+        node("Slice", ["rows", "sC", "eBig", "minus1"], ["coefs"]),
+        node("ReduceMax", ["scores"], ["best"], axes=[-1], keepdims=0),
+        node("TopK", ["best", "k"], ["top_values", "top_index"], axis=-1),
+        node("Unsqueeze", ["top_index", "minus1"], ["index1"]),
+    ]
+    for part, tail in (("boxes", "tail4"), ("scores", "tailC"), ("coefs", "tailM")):
+        nodes += [
+            node("Concat", ["batch", tail], [f"{part}_ishape"], axis=0),
+            node("Expand", ["index1", f"{part}_ishape"], [f"{part}_index"]),
+            node("GatherElements", [part, f"{part}_index"], [f"{part}_k"], axis=1),
+        ]
+    nodes += [
+        node("ReduceMax", ["scores_k"], ["score_k"], axes=[-1], keepdims=1),
+        node("ArgMax", ["scores_k"], ["class_i"], axis=-1, keepdims=1),
+        node("Cast", ["class_i"], ["class_k"], to=TensorProto.FLOAT),
+        node("Concat", ["boxes_k", "score_k", "class_k", "coefs_k"], ["output0"], axis=-1),
+        node("Concat", ["batch", "proto_tail"], ["proto_shape"], axis=0),
+        node("Expand", ["protos", "proto_shape"], ["output1"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "yolo26_seg_end2end_head_test_model",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, height, width])],
+        [
+            helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", max_det, END2END_COLUMNS]),
+            helper.make_tensor_value_info(
+                "output1", TensorProto.FLOAT, ["batch", NUM_COEFFICIENTS, height // 4, width // 4]
+            ),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="segstream-tests"
+    )
+    model.ir_version = IR_VERSION
+    if metadata_props:
+        helper.set_model_props(model, dict(metadata_props))
+    onnx.checker.check_model(model)
+    return model
 
 
 def _build_graph(

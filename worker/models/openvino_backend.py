@@ -43,7 +43,7 @@ from worker.models.package import (
 )
 from worker.models.signature import ModelSignature, signature_of_openvino_model
 
-__all__ = ["OpenVinoSegmentationModel", "cpu_supports_bf16"]
+__all__ = ["OpenVinoSegmentationModel", "cpu_supports_bf16", "materialize_sliced_gathers"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,61 @@ def cpu_supports_bf16(core: Any | None = None) -> bool:
         return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except RuntimeError:
         return False
+
+
+def materialize_sliced_gathers(model: Any) -> int:
+    """Work around OpenVINO's CPU plugin refusing end-to-end heads (YOLO26): returns the inputs rewritten.
+
+    An end-to-end head picks its rows with ``GatherElements(Slice(x), indices)``: ``x[..., :4]`` gathered
+    with indices ``[B, 300, 4]``. OpenVINO 2026.4's CPU transformations fold the ``Slice`` into the
+    ``GatherElements``, which then sees the whole ``[B, 2100, 116]`` tensor and fails shape inference
+    ("data and indices must have equal or intersecting dimensions"). The same values taken with a
+    ``Gather`` of the slice's explicit indices are not folded; outputs are unchanged (only slices with
+    constant starts and steps over static axes are rewritten).
+    """
+    from openvino import opset8
+
+    rewritten = 0
+    for op in model.get_ops():
+        if op.get_type_name() != "GatherElements":
+            continue
+        data = op.input_value(0)
+        source = data.get_node()
+        if source.get_type_name() != "Slice" or data.get_partial_shape().rank.is_dynamic:
+            continue
+        rank = data.get_partial_shape().rank.get_length()
+        whole, part = source.input_value(0).get_partial_shape(), data.get_partial_shape()
+        starts, steps, axes = (_constant_values(source, i) for i in (1, 3, 4))
+        if starts is None or steps is None or axes is None:
+            continue
+        steps = steps * len(starts) if len(steps) == 1 else steps
+        if len(steps) != len(starts) or len(axes) != len(starts):
+            continue
+        if not all(whole[int(a) % rank].is_static and part[int(a) % rank].is_static for a in axes):
+            continue
+        value = source.input_value(0)
+        for start, step, axis in zip(starts, steps, axes, strict=True):
+            axis = int(axis) % rank
+            kept = np.arange(whole[axis].get_length())[int(start) :: int(step)][: part[axis].get_length()]
+            value = opset8.gather(value, kept.astype(np.int64), np.int64(axis)).output(0)
+        op.input(0).replace_source_output(value)
+        rewritten += 1
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    return rewritten
+
+
+def _constant_values(node: Any, index: int) -> list[int] | None:
+    """The values of a node's constant input (also a ``Broadcast`` of a constant), else None."""
+    source = node.input_value(index).get_node()
+    if (
+        source.get_type_name() == "Broadcast"
+        and source.input_value(0).get_node().get_type_name() == "Constant"
+    ):
+        source = source.input_value(0).get_node()
+    if source.get_type_name() != "Constant":
+        return None
+    return [int(v) for v in np.asarray(source.get_data()).reshape(-1)]
 
 
 class OpenVinoSegmentationModel(LetterboxedBackend):
@@ -157,6 +212,8 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
             raise
         self.input_size: tuple[int, int] = self._choose_input_size(input_size)
         self.letterbox_mode = self._choose_letterbox(letterbox)
+        if self.metadata.output_layout == "end2end" and materialize_sliced_gathers(model):
+            log.debug("%s: end-to-end head: sliced GatherElements inputs made explicit", self._source)
         height, width = self.input_size if self.letterbox_mode == "square" else (-1, -1)
         batch_dim = self.signature.static_batch or -1
         try:
