@@ -58,7 +58,7 @@ def _model_files(specs: Sequence[str], workflow: Any) -> dict[str, Path]:
         model_id, sep, raw = spec.partition("=")
         if not sep or "/" not in model_id or Path(spec).exists():
             model_id, raw = "", spec
-        path = Path(raw)
+        path = Path(raw).expanduser()
         if not path.exists():
             raise ConfigError(f"--model {spec}: {path} does not exist")
         if not model_id:

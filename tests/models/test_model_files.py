@@ -154,6 +154,23 @@ def test_infer_with_a_bare_model_path_replaces_the_workflows_model(
     assert "'parts/9' not found" in capsys.readouterr().err
 
 
+def test_models_lists_the_layout(
+    end2end_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "models" / "yolo" / "26"
+    folder.mkdir(parents=True)
+    (folder / end2end_file.name).write_bytes(end2end_file.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["models", "--json", "--models-dir", str(tmp_path / "models")]) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["yolo/26"]["layout"] == "end2end" and rows["factory-parts/1"]["layout"] == "classic"
+    # --model PATH expands ~ (the shell does not after ID=)
+    workflow = tmp_path / "workflow.json"
+    workflow.write_text(json.dumps(_workflow("parts/9")))
+    home_path = "~/" + str((folder / end2end_file.name).relative_to(tmp_path))
+    assert main(["validate", str(workflow), "--model", f"parts/9={home_path}"]) == 0
+
+
 def test_a_bare_model_path_needs_a_workflow_with_one_model(classic_file: Path, tmp_path: Path) -> None:
     definition = _workflow("a/1")
     second = dict(definition["steps"][0], name="seg2", model_id="b/1")
