@@ -580,6 +580,9 @@ def run_pipeline_file(
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     if model_files:
+        if "files" not in type(config.model).model_fields:
+            print(f"error: --model needs a local model backend, not {config.model.backend}", file=sys.stderr)
+            return EXIT_FAILED
         files = {**config.model.files, **model_files}
         config = config.model_copy(update={"model": config.model.model_copy(update={"files": files})})
     broker_password = config.broker.resolved_password() if config.broker else None

@@ -265,7 +265,7 @@ class ModelRegistry:
             InvalidModelIdError: a bad id.
             ModelError: the model cannot be found or loaded.
         """
-        files = config.files if config is not None else None
+        files = getattr(config, "files", None)  # the local backends' model.files
         return self._load(self.resolve(model_id, files), model_id, config)
 
     def load_path(self, package_path: Path, config: ModelRuntimeConfig | None = None) -> SegmentationBackend:
