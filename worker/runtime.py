@@ -36,6 +36,7 @@ from worker.ids import make_worker_id
 from worker.inference import InferenceLoop
 from worker.logging_setup import configure_logging
 from worker.messages import ErrorReport
+from worker.models.config import OnnxRuntimeConfig, OpenVinoConfig
 from worker.models.registry import ModelRegistry, default_models_dirs
 from worker.models.remote import bind_remote, release_remote
 from worker.ops.health import HealthState
@@ -580,11 +581,12 @@ def run_pipeline_file(
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     if model_files:
-        if "files" not in type(config.model).model_fields:
-            print(f"error: --model needs a local model backend, not {config.model.backend}", file=sys.stderr)
+        local = config.model
+        if not isinstance(local, OnnxRuntimeConfig | OpenVinoConfig):
+            print(f"error: --model needs a local model backend, not {local.backend}", file=sys.stderr)
             return EXIT_FAILED
-        files = {**config.model.files, **model_files}
-        config = config.model_copy(update={"model": config.model.model_copy(update={"files": files})})
+        files = {**local.files, **model_files}
+        config = config.model_copy(update={"model": local.model_copy(update={"files": files})})
     broker_password = config.broker.resolved_password() if config.broker else None
     secrets = [p for p in [broker_password, preview_token] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)
