@@ -288,6 +288,7 @@ class Worker:
             broker=self.config.broker,
             decode_pool=self._decode_pool,
             worker_id=self.worker_id,
+            deliver_error=self.publisher.report_soon,
         )
         return _Lane(source, queue, _restartable(cfg))
 
