@@ -134,6 +134,9 @@ INTERNAL_ERROR: Final = "internal_error"
 UNKNOWN_STATION = "unknown_station"
 #: a stop's drain may take this much longer than ``drain_timeout_s``: unsubscribing, the last DISCONNECT
 _LEAVE_S = 1.5
+#: a leaving shared-group member, unsubscribed with every frame answered, waits this long for messages
+#: its session still held before it ends the session
+_QUIET_S = 0.5
 #: session expiry of a source whose session someone can resume (a stable client id, or not shared)
 DEFAULT_SESSION_EXPIRY_S = 600
 
@@ -787,22 +790,40 @@ class MqttSource:
         if cfg.shared_group:
             log.info("source %s: stopping: unsubscribing from %s, draining", self.source_id, cfg.subscription)
             unsubscribe = asyncio.ensure_future(client.unsubscribe(cfg.subscription))
+            acked: asyncio.Future[Any] | None = None
             try:
                 while True:
-                    done, _ = await asyncio.wait({get, unsubscribe}, return_when=asyncio.FIRST_COMPLETED)
+                    waitables: set[asyncio.Future[Any]] = {get}
+                    quiet: float | None = None
+                    if not unsubscribe.done():
+                        waitables.add(unsubscribe)
+                    else:
+                        unsubscribe.result()  # MqttError: the connection is gone; its frames come back
+                        if any(ack.client is client for ack in self._pending):
+                            if acked is None or acked.done():
+                                self._acked.clear()
+                                acked = asyncio.ensure_future(self._acked.wait())
+                            waitables.add(acked)
+                        else:
+                            # messages the session had queued for us keep coming as acks free the
+                            # broker's in-flight window: leave once none came for a while
+                            quiet = _QUIET_S
+                    done, _ = await asyncio.wait(
+                        waitables, timeout=quiet, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if get in done:
                         if not await self._handle(client, get.result(), queue):
                             return "closed"
                         get = asyncio.ensure_future(anext(client.messages))
                         if reader.paused and len(client.messages) < cfg.receive_maximum:
                             reader.resume()  # the UNSUBACK must be read too
-                        continue
-                    unsubscribe.result()  # MqttError: the connection is gone; what it held comes back
-                    if len(client.messages) == 0:
+                    elif not done:
                         break
             finally:
                 if not unsubscribe.done():
                     unsubscribe.cancel()
+                if acked is not None:
+                    acked.cancel()
             get.cancel()
         elif get.done() and not get.cancelled() and get.exception() is None:
             # taken from the queue just before the stop: handled like the others
