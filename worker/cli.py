@@ -54,7 +54,22 @@ def _runner(path: Path, models_dir: Path | None) -> Any:
     return WorkflowRunner(workflow, registry, model_config=options.get("model_config"))
 
 
+def _preflight(path: Path) -> list[str]:
+    """A pipeline file's start-up problems on this machine (``worker.preflight``); none for a workflow."""
+    from worker.config import load_pipeline, looks_like_pipeline
+    from worker.preflight import problems
+
+    if not looks_like_pipeline(_read(path)):
+        return []
+    return problems(load_pipeline(path))
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
+    found = _preflight(args.file)
+    for problem in found:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if found:
+        return 1
     if args.no_models:
         _workflow_and_models_dir(args.file)
     else:

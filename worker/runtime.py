@@ -575,6 +575,13 @@ def run_pipeline_file(path: str | Path, *, models_dir: Path | None = None) -> in
     except ConfigError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    from worker.preflight import problems
+
+    found = problems(config)
+    for problem in found:  # what would otherwise retry forever: say so and stop
+        print(f"error: {path}: {problem}", file=sys.stderr)
+    if found:
+        return EXIT_FAILED
     broker_password = config.broker.resolved_password() if config.broker else None
     secrets = [p for p in [broker_password, preview_token] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)
