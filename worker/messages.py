@@ -303,6 +303,14 @@ class ControlMessage(Message):
         exclude_if=_is_none,
         description="when the message was made, Unix s (within control.max_age_s); signed messages only",
     )
+    station: str | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        min_length=1,
+        max_length=64,
+        description="only for the frames of this station (an MQTT source's source_id from the topic); "
+        "they use these inputs over the pipeline-wide ones",
+    )
 
 
 class ControlAccepted(Message):
@@ -314,6 +322,9 @@ class ControlAccepted(Message):
     applied: dict[str, Any] = Field(description="the accepted values, as the steps use them")
     inputs: dict[str, Any] = Field(description="every runtime input's current value")
     worker: str = Field(description="the id of the worker that applied it")
+    station: str | SkipJsonSchema[None] = Field(
+        None, exclude_if=_is_none, description="the station the values were set for (station messages only)"
+    )
 
 
 class ControlRefused(Message):

@@ -54,8 +54,9 @@ from worker.sources import (
     VideoSourceConfig,
     build_source,
 )
+from worker.stations import StationInputs
 from worker.step.executor import WorkflowRunner
-from worker.step.workflow import WorkflowDefinition
+from worker.step.workflow import WorkflowDefinition, validate_runtime_inputs
 from worker.supervisor import (
     EXIT_FAILED,
     EXIT_OK,
@@ -177,6 +178,10 @@ class Worker:
         self.worker_id = make_worker_id(config.name, prefix=prefix)  # one per process: every client
         ready = asyncio.Event()  # set by every queue on each put and close: the batcher waits on it
         self.publisher = self._build_publisher(workflow, extra_sinks)
+        # the control topic can address one station of an MQTT source that takes it from the topic
+        self.station_inputs: StationInputs | None = None
+        if any(getattr(c, "source_id", None) for c in config.sources):
+            self.station_inputs = StationInputs(lambda values: validate_runtime_inputs(workflow, values))
         self._lanes = [self._build_lane(cfg, ready) for cfg in config.sources]
         self.recorder = self._build_recorder()
         if self.recorder is not None:
@@ -289,6 +294,7 @@ class Worker:
             decode_pool=self._decode_pool,
             worker_id=self.worker_id,
             deliver_error=self.publisher.report_soon,
+            station_inputs=self.station_inputs,
         )
         return _Lane(source, queue, _restartable(cfg))
 
@@ -318,6 +324,7 @@ class Worker:
             self.metrics,
             self.worker_id,
             policy=self.config.control,
+            apply_station=self.station_inputs.set if self.station_inputs is not None else None,
         )
 
     def _backoff(self) -> Backoff:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, TypeAdapter
 
@@ -15,6 +15,9 @@ from worker.sources.images import ImageFolderSource, ImageFolderSourceConfig
 from worker.sources.mqtt import DeliverError, MqttSource, MqttSourceConfig
 from worker.sources.video import VideoSource, VideoSourceConfig
 from worker.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from worker.stations import StationInputs
 
 __all__ = ["SOURCE_TYPES", "SourceConfig", "build_source", "parse_source_config"]
 
@@ -51,6 +54,7 @@ def _mqtt(config: Any, deps: dict[str, Any]) -> Source:
         decode_pool=deps["decode_pool"],
         worker_id=deps["worker_id"],
         deliver_error=deps["deliver_error"],
+        station_inputs=deps["station_inputs"],
     )
 
 
@@ -79,6 +83,7 @@ def build_source(
     decode_pool: BlockingPool | None = None,
     worker_id: str | None = None,
     deliver_error: DeliverError | None = None,
+    station_inputs: StationInputs | None = None,
 ) -> Source:
     """Make the source object for ``config``.
 
@@ -92,6 +97,7 @@ def build_source(
         worker_id: the process's id (``worker.ids``), the base of MQTT sources' client ids.
         deliver_error: MQTT sources: delivers an error report, then calls its ack (the message is
             acknowledged to the broker only then); default: ``on_error`` and an ack at once.
+        station_inputs: MQTT sources with ``source_id`` from the topic: per-station control inputs.
 
     Raises:
         ConfigError: an unknown type, or an ``mqtt`` source without a broker.
@@ -110,5 +116,6 @@ def build_source(
         "decode_pool": decode_pool,
         "worker_id": worker_id,
         "deliver_error": deliver_error,
+        "station_inputs": station_inputs,
     }
     return builder(config, deps)

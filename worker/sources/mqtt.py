@@ -88,7 +88,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -107,6 +107,9 @@ from worker.sources.base import Backoff, ErrorCallback
 from worker.sources.decode import DEFAULT_MAX_DECODED_BYTES, FramePayload, decode_payload
 from worker.sources.video import SOURCE_ID_PATTERN
 from worker.telemetry import NullTelemetry, Telemetry
+
+if TYPE_CHECKING:
+    from worker.stations import StationInputs
 
 __all__ = ["MAX_PAYLOAD_BYTES_LIMIT", "RESYNC_TARGET", "MqttSource", "MqttSourceConfig"]
 
@@ -579,8 +582,11 @@ class MqttSource:
         worker_id: str | None = None,
         deliver_error: DeliverError | None = None,
         drain_timeout_s: float = 30.0,
+        station_inputs: StationInputs | None = None,
     ) -> None:
         self.config = config
+        #: per-station inputs from the control topic, put under each frame's own parameters
+        self.station_inputs = station_inputs
         #: at a stop, how long to wait for the outcomes of the frames already taken (the runtime's
         #: ``shutdown_grace_s`` bounds it too); what is unacknowledged then comes back from the broker
         self.drain_timeout_s = drain_timeout_s
@@ -978,7 +984,7 @@ class MqttSource:
                 timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
                 image=decoded.image,
                 frame_id=parsed.frame_id or "",
-                parameters=parsed.parameters,
+                parameters=self._parameters(station, parsed.parameters),
                 topic=topic,
                 idempotency_key=_idempotency_key(station, parsed.frame_id, digest),
                 ack=ack,
@@ -997,6 +1003,13 @@ class MqttSource:
             return False
         self._recent.add(key, digest, ack)
         return True
+
+    def _parameters(self, station: str, own: dict[str, Any]) -> dict[str, Any]:
+        """The frame's parameters: its own over its station's inputs (``worker.stations``)."""
+        if self.station_inputs is None or self._station is None:
+            return own
+        set_for_station = self.station_inputs.get(station)
+        return {**set_for_station, **own} if set_for_station else own
 
     @staticmethod
     def _ack_now(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
