@@ -746,8 +746,8 @@ class MqttSource:
         """Handle messages until the connection ends (MqttError), a resync, or a stop (``_leave``)."""
         cfg = self.config
         messages = client.messages
-        stop = asyncio.ensure_future(self._stop_requested.wait())
-        get: asyncio.Future[aiomqtt.Message] | None = None
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_requested.wait())
+        get: asyncio.Future[Any] | None = None
         try:
             while True:
                 if get is None:
@@ -778,7 +778,7 @@ class MqttSource:
         self,
         client: aiomqtt.Client,
         queue: FrameQueue,
-        get: asyncio.Future[aiomqtt.Message],
+        get: asyncio.Future[Any],
         reader: _ReadPause,
     ) -> str:
         """A graceful stop while connected.
