@@ -125,9 +125,9 @@ class WorkerProcess:
 
 @contextlib.contextmanager
 def fleet(
-    tmp: Path, broker: MosquittoBroker, base: str, count: int, **source: Any
+    tmp: Path, broker: MosquittoBroker, base: str, count: int, slow_channels: int = 0, **source: Any
 ) -> Iterator[list[WorkerProcess]]:
-    models = make_models_dir(tmp / "models")
+    models = make_models_dir(tmp / "models", slow_channels=slow_channels)
     workers = [WorkerProcess(tmp, f"w{i}", broker, base, models, **source) for i in range(count)]
     try:
         yield workers
@@ -264,7 +264,8 @@ async def test_c_sigkill_and_restart_with_the_same_id_loses_nothing(
     tmp_path: Path, mosquitto: MosquittoBroker, broker_config: BrokerConfig
 ) -> None:
     base = f"fc{uuid.uuid4().hex[:6]}"
-    with fleet(tmp_path, mosquitto, base, 2) as workers:
+    # a model as slow as a real one on a CPU: frames wait in the victim's queue when it is killed
+    with fleet(tmp_path, mosquitto, base, 2, slow_channels=256) as workers:
         # stable ids (a StatefulSet's pod names): a persistent session (600 s by default)
         await start_all(workers, ["fleet-c-0", "fleet-c-1"])
         victim = workers[0]
@@ -272,7 +273,7 @@ async def test_c_sigkill_and_restart_with_the_same_id_loses_nothing(
             camera = Camera(broker_config, base)
             stream = asyncio.create_task(camera.send(range(40), delay=0.02))
             await wait_until(lambda: len(results.messages) >= 10, "the first results", timeout=60)
-            victim.kill()  # SIGKILL mid-stream: frames in flight are unacknowledged
+            victim.kill()  # SIGKILL mid-stream: frames queued and in inference are unacknowledged
             sent_before_kill = set(camera.sent)
             answered_before_kill = set(results_by_frame(results))
             await stream
