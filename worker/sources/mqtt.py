@@ -134,7 +134,7 @@ RESYNC_TARGET = "broker:source:resync"
 #: reason of an error report for an exception that is not one of the project's (a bug)
 INTERNAL_ERROR: Final = "internal_error"
 #: reason of a frame refused because its station is not allowed (not listed, over max_stations, bad id)
-UNKNOWN_STATION = "unknown_station"
+UNKNOWN_STATION: Final = "unknown_station"
 #: a stop's drain may take this much longer than ``drain_timeout_s``: unsubscribing, the last DISCONNECT
 _LEAVE_S = 1.5
 #: a leaving shared-group member, unsubscribed with every frame answered, waits this long for messages
@@ -518,7 +518,7 @@ class _Paho:
         """Disconnect with Session Expiry Interval 0 (MQTT v5 DISCONNECT property): the broker drops
         the session at once and queues nothing more for this client id. aiomqtt's ``__aexit__`` then
         sees the connection closed and returns."""
-        properties = Properties(PacketTypes.DISCONNECT)
+        properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
         if client._client.disconnect(properties=properties) == 0:
             with contextlib.suppress(Exception):
