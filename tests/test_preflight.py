@@ -86,6 +86,7 @@ def test_validate_lists_the_problems_and_fails(
     path.write_text(yaml.safe_dump(doc))
     assert main(["validate", str(path), "--no-models"]) == 1
     assert "SEGSTREAM_MQTT_PASSWORD" in capsys.readouterr().err
+    assert main(["validate", str(path), "--no-models", "--no-environment"]) == 0  # the file itself is fine
     monkeypatch.setenv("SEGSTREAM_MQTT_PASSWORD", "x")
     assert main(["validate", str(path), "--no-models"]) == 0
 

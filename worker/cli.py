@@ -65,7 +65,7 @@ def _preflight(path: Path) -> list[str]:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    found = _preflight(args.file)
+    found = [] if args.no_environment else _preflight(args.file)
     for problem in found:
         print(f"{args.file}: {problem}", file=sys.stderr)
     if found:
@@ -345,6 +345,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a pipeline or workflow file (and load its models)")
     validate.add_argument("file", type=Path, help="pipeline file or bare workflow definition (YAML or JSON)")
     validate.add_argument("--no-models", action="store_true", help="check the definition only")
+    validate.add_argument(
+        "--no-environment",
+        action="store_true",
+        help="do not check this machine (secret variables, password/TLS files, video files, image folders): "
+        "for a file meant for another machine",
+    )
     models_dir_option(validate)
     validate.set_defaults(func=_cmd_validate)
 
