@@ -148,7 +148,11 @@ async def test_the_acl_keeps_cameras_operators_and_workers_apart(
     # the camera saw nothing: not the results, not the control topic, not the replies
     assert spy.messages == []
     # the operator reads results, replies and status, but not the control topic itself (write only)
-    assert {m.topic for m in seen.messages} >= {RESULTS, f"{CONTROL}/result", f"segstream/{LINE}/status"}
+    assert {m.topic for m in seen.messages} >= {
+        RESULTS,
+        f"{CONTROL}/result",
+        f"segstream/{LINE}/status/{worker.worker_id}",
+    }
     assert CONTROL not in {m.topic for m in seen.messages}
     assert [m.json()["ok"] for m in seen.on(f"{CONTROL}/result")] == [True, False, True]
 

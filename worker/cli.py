@@ -91,7 +91,22 @@ def _runner(path: Path, models_dir: Path | None, model_specs: Sequence[str] = ()
     return WorkflowRunner(workflow, registry, model_config=options.get("model_config"))
 
 
+def _preflight(path: Path) -> list[str]:
+    """A pipeline file's start-up problems on this machine (``worker.preflight``); none for a workflow."""
+    from worker.config import load_pipeline, looks_like_pipeline
+    from worker.preflight import problems
+
+    if not looks_like_pipeline(_read(path)):
+        return []
+    return problems(load_pipeline(path))
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
+    found = [] if args.no_environment else _preflight(args.file)
+    for problem in found:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if found:
+        return 1
     if args.no_models:
         _workflow_and_models_dir(args.file)
     else:
@@ -387,6 +402,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a pipeline or workflow file (and load its models)")
     validate.add_argument("file", type=Path, help="pipeline file or bare workflow definition (YAML or JSON)")
     validate.add_argument("--no-models", action="store_true", help="check the definition only")
+    validate.add_argument(
+        "--no-environment",
+        action="store_true",
+        help="do not check this machine (secret variables, password/TLS files, video files, image folders): "
+        "for a file meant for another machine",
+    )
     models_dir_option(validate, model_path=True)
     validate.set_defaults(func=_cmd_validate)
 

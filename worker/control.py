@@ -106,6 +106,8 @@ class ControlUpdate:
     inputs: dict[str, Any]
     sender: str | None = None
     issued_at: float | None = None
+    #: the one station (source id from the topic) the inputs are for; None: every frame
+    station: str | None = None
 
 
 def parse_control_message(payload: bytes) -> ControlUpdate:
@@ -125,7 +127,7 @@ def parse_control_message(payload: bytes) -> ControlUpdate:
     shape = 'control message must be {"inputs": {"<input name>": <value>, ...}} (and "sender", "issued_at")'
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
         raise ParameterError(shape)
-    unknown = set(doc) - {"inputs", "sender", "issued_at"}
+    unknown = set(doc) - {"inputs", "sender", "issued_at", "station"}
     if unknown:
         raise ParameterError(f"{shape}; unknown keys {sorted(k[:32] for k in unknown)}")
     inputs = dict(doc["inputs"])
@@ -143,7 +145,10 @@ def parse_control_message(payload: bytes) -> ControlUpdate:
         ):
             raise ParameterError("'issued_at' must be Unix seconds")
         issued_at = float(issued_at)
-    return ControlUpdate(inputs=inputs, sender=sender, issued_at=issued_at)
+    station = doc.get("station")
+    if station is not None and (not isinstance(station, str) or not 0 < len(station) <= 64):
+        raise ParameterError("'station' must be a source id of 1..64 characters")
+    return ControlUpdate(inputs=inputs, sender=sender, issued_at=issued_at, station=station)
 
 
 def parse_control_payload(payload: bytes) -> dict[str, Any]:
@@ -190,6 +195,8 @@ class ControlListener:
         policy: who may change what (retained messages, signing senders, allowed inputs); default:
             ``ControlConfig()`` (retained refused, no signature required).
         clock: Unix time (for the signature's ``max_age_s``; tests inject one).
+        apply_station: validates and stores inputs for one station (a message with ``"station"``,
+            ``worker.stations.StationInputs.set``); None: such messages are refused.
     """
 
     def __init__(
@@ -204,8 +211,10 @@ class ControlListener:
         *,
         policy: ControlConfig | None = None,
         clock: Callable[[], float] = time.time,
+        apply_station: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.broker = broker
+        self._apply_station = apply_station
         self.topic = topic
         self.result_topic = f"{topic}/result"
         self._apply = apply
@@ -245,7 +254,15 @@ class ControlListener:
             who = self._authorise(message, payload, properties or {}, topic or self.topic)
             self._check_allowed(message.inputs)
             previous = self._current()
-            accepted = self._apply(message.inputs)
+            if message.station is not None:
+                if self._apply_station is None:
+                    raise ParameterError(
+                        f"'station' {message.station[:64]!r}: this pipeline has no per-station inputs "
+                        "(an MQTT source with source_id from the topic)"
+                    )
+                accepted = self._apply_station(message.station, message.inputs)
+            else:
+                accepted = self._apply(message.inputs)
         except ParameterError as exc:
             return self._refuse(str(exc), who)
         except Exception as exc:  # one message must not stop the listener (see the module doc)
@@ -269,7 +286,10 @@ class ControlListener:
             before,
             extra={"sender": who, "control_topic": topic or self.topic},
         )
-        return {"ok": True, "applied": accepted, "inputs": self._current(), "worker": self.worker_id}
+        reply = {"ok": True, "applied": accepted, "inputs": self._current(), "worker": self.worker_id}
+        if message.station is not None:
+            reply["station"] = message.station
+        return reply
 
     def _refuse(self, error: str, who: str) -> dict[str, Any]:
         self.refused += 1

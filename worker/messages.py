@@ -10,7 +10,7 @@ message                        topic (MQTT sink defaults) / where          model
 =============================  ==========================================  ===========================
 result (one per frame)         ``segstream/{pipeline}/{source}/predictions``  ``FrameResult``
 error (one per failure)        ``segstream/{pipeline}/errors``             ``ErrorReport``
-status (retained, Last Will)   ``segstream/{pipeline}/status``             ``StatusMessage``
+status (retained, Last Will)   ``segstream/{pipeline}/status/{worker}``    ``StatusMessage``
 control (to the worker)        ``segstream/{pipeline}/control``            ``ControlMessage``
 control reply                  ``<control topic>/result``                  ``ControlReply``
 =============================  ==========================================  ===========================
@@ -22,12 +22,15 @@ Result payload (JSON)::
      "processed_at": 1732790000.180,       # when the result was made, Unix s
      "step": "seg",                        # the (first) segmentation step's name
      "inference_id": "…", "model_id": "factory-parts/1",
-     "outputs": {"predictions": {...}, "model_id": "…"}}   # the workflow's outputs by name
+     "outputs": {"predictions": {...}, "model_id": "…"},   # the workflow's outputs by name
+     "topic": "factory/line-3/frames/st1",  # MQTT sources only: the frame's topic
+     "idempotency_key": "st1/f-0041"}       # the same for a redelivered frame: drop duplicates on it
 
 Error payload (JSON)::
 
     {"pipeline": "line-3", "source": "cam1", "frame_id": "cam1:42", "frame_number": 42,
-     "reason": "decode_error", "error": "human-readable message", "timestamp": 1732790000.2}
+     "reason": "decode_error", "error": "human-readable message", "timestamp": 1732790000.2,
+     "topic": "factory/line-3/frames/st1", "idempotency_key": "st1/…"}   # MQTT sources only
 
 Python names differ from JSON names in two places: ``source_id`` is ``"source"`` and
 ``ErrorReport.message`` is ``"error"``. ``FrameResult`` and ``ErrorReport`` may be built positionally in
@@ -225,6 +228,15 @@ class FrameResult(Message):
     outputs: Annotated[dict[str, Any], _SchemaAs(dict[str, OutputValue])] = Field(
         description="the workflow's outputs by name: predictions, ids, or a whole step's result"
     )
+    topic: str | SkipJsonSchema[None] = Field(
+        None, exclude_if=_is_none, description="the MQTT topic the frame came from (MQTT sources only)"
+    )
+    idempotency_key: str | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        description="the same for every delivery of one frame (<source>/<frame_id>, or <source>/<payload "
+        "digest> for an MQTT payload without a frame_id): drop a result whose key was seen (at-least-once)",
+    )
 
 
 class ErrorReport(Message):
@@ -245,6 +257,12 @@ class ErrorReport(Message):
     )
     message: str = Field(alias="error", description="human-readable message (no secrets)")
     timestamp: float = Field(default_factory=time.time, description="when it was reported, Unix s")
+    topic: str | SkipJsonSchema[None] = Field(
+        None, exclude_if=_is_none, description="the MQTT topic of the payload (MQTT sources only)"
+    )
+    idempotency_key: str | SkipJsonSchema[None] = Field(
+        None, exclude_if=_is_none, description="as in the result: the same for every delivery of one frame"
+    )
 
 
 class StatusMessage(Message):
@@ -285,6 +303,14 @@ class ControlMessage(Message):
         exclude_if=_is_none,
         description="when the message was made, Unix s (within control.max_age_s); signed messages only",
     )
+    station: str | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        min_length=1,
+        max_length=64,
+        description="only for the frames of this station (an MQTT source's source_id from the topic); "
+        "they use these inputs over the pipeline-wide ones",
+    )
 
 
 class ControlAccepted(Message):
@@ -296,6 +322,9 @@ class ControlAccepted(Message):
     applied: dict[str, Any] = Field(description="the accepted values, as the steps use them")
     inputs: dict[str, Any] = Field(description="every runtime input's current value")
     worker: str = Field(description="the id of the worker that applied it")
+    station: str | SkipJsonSchema[None] = Field(
+        None, exclude_if=_is_none, description="the station the values were set for (station messages only)"
+    )
 
 
 class ControlRefused(Message):

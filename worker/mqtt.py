@@ -133,7 +133,7 @@ def make_client(
     if v5 and session_expiry_s:
         from paho.mqtt.packettypes import PacketTypes
 
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho 2.2: untyped
         properties.SessionExpiryInterval = session_expiry_s
     extra: dict[str, Any] = {}
     if v5:

@@ -19,6 +19,14 @@ until it has room.
 
 A sink refusing a message (``SinkError``) is logged and counted (``publish_error("sink_refused")``);
 it never stops the others.
+
+Acknowledgement after delivery (at-least-once end to end): a frame may carry an ``ack`` (an MQTT
+source's frames do). It is called once the frame's outcome — its result, or its error report — was
+delivered by every sink that confirms delivery (``confirms_delivery``: the MQTT sink, on the broker's
+PUBACK) and accepted by the others. A sink that refuses the message counts as answered (the refusal is
+counted; retrying could only fail again). A message dropped by an outbox overflow or left undelivered at
+shutdown is never confirmed, so its frame stays unacknowledged and the broker delivers it again.
+Frames the worker stops without answering (``report_unprocessed``) are reported but never acknowledged.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from worker.errors import SegstreamError
 from worker.frame import Frame
@@ -56,6 +64,42 @@ class PublishedFrame:
     detections: Detections | None  # the primary step's detections
     class_names: tuple[str, ...]  # the model's class names, in class id order
     latency_s: float  # capture → published
+
+
+class _Confirmations:
+    """Calls ``ack`` once every confirming sink confirmed (``expect`` one per sink, then ``arm``)."""
+
+    __slots__ = ("_ack", "_left")
+
+    def __init__(self, ack: Callable[[], None]) -> None:
+        self._ack = ack
+        self._left = 1  # the guard ``arm`` releases: no ack before every sink had the message
+
+    def expect(self) -> Callable[[], None]:
+        self._left += 1
+        return self._one
+
+    def arm(self) -> None:
+        self._one()
+
+    def _one(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._ack()
+
+
+async def _deliver(sink: Sink, method: str, message: Any, confirmations: _Confirmations | None) -> None:
+    """``sink.publish_result`` / ``publish_error``, with a delivery callback when both sides want one."""
+    publish = getattr(sink, method)
+    if confirmations is not None and getattr(sink, "confirms_delivery", False):
+        confirm = confirmations.expect()
+        try:
+            await publish(message, confirm)
+        except BaseException:
+            confirm()  # refused: answered as far as this sink goes (the caller counts the refusal)
+            raise
+    else:
+        await publish(message)
 
 
 class ResultObserver(Protocol):
@@ -169,17 +213,20 @@ class Publisher:
 
     # ------------------------------------------------------------------------------------- errors
 
-    def report_soon(self, report: ErrorReport) -> None:
-        """Count ``report`` and hand it to every sink without waiting (callable from any loop callback)."""
+    def report_soon(self, report: ErrorReport, ack: Callable[[], None] | None = None) -> None:
+        """Count ``report`` and hand it to every sink without waiting (callable from any loop callback);
+        ``ack`` is called once it was delivered (see the module docstring)."""
         self._summary.errors[report.reason] += 1
-        task = asyncio.get_running_loop().create_task(self._deliver_report(report), name="publisher.report")
+        task = asyncio.get_running_loop().create_task(
+            self._deliver_report(report, ack), name="publisher.report"
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def report(self, report: ErrorReport) -> None:
-        """Count ``report`` and hand it to every sink."""
+    async def report(self, report: ErrorReport, ack: Callable[[], None] | None = None) -> None:
+        """Count ``report`` and hand it to every sink; ``ack`` once it was delivered."""
         self._summary.errors[report.reason] += 1
-        await self._deliver_report(report)
+        await self._deliver_report(report, ack)
 
     async def report_unprocessed(self, frames: Sequence[Frame], reason: DropReason, message: str) -> None:
         """Frames that will get no result (the worker is stopping after a failure): one report each."""
@@ -193,16 +240,21 @@ class Publisher:
                     message=message,
                     frame_id=frame.frame_id,
                     frame_number=frame.frame_number,
+                    topic=frame.topic,
+                    idempotency_key=frame.idempotency_key,
                 )
             )
 
-    async def _deliver_report(self, report: ErrorReport) -> None:
+    async def _deliver_report(self, report: ErrorReport, ack: Callable[[], None] | None = None) -> None:
+        confirmations = _Confirmations(ack) if ack is not None else None
         for sink in self._started:
             try:
-                await sink.publish_error(report)
+                await _deliver(sink, "publish_error", report, confirmations)
             except SegstreamError as exc:
                 log.error("sink %s refused an error report: %s", sink.name, exc)
                 self._telemetry.publish_error("sink_refused")
+        if confirmations is not None:
+            confirmations.arm()
 
     # ------------------------------------------------------------------------------------- results
 
@@ -232,7 +284,10 @@ class Publisher:
                     message=str(outcome.error),
                     frame_id=frame.frame_id,
                     frame_number=frame.frame_number,
-                )
+                    topic=frame.topic,
+                    idempotency_key=frame.idempotency_key,
+                ),
+                frame.ack,
             )
             return
         result = FrameResult(
@@ -245,13 +300,18 @@ class Publisher:
             inference_id=outcome.inference_id,
             model_id=outcome.model_id,
             outputs=outcome.outputs or {},
+            topic=frame.topic,
+            idempotency_key=frame.idempotency_key,
         )
+        confirmations = _Confirmations(frame.ack) if frame.ack is not None else None
         for sink in self._started:
             try:
-                await sink.publish_result(result)
+                await _deliver(sink, "publish_result", result, confirmations)
             except SegstreamError as exc:
                 log.error("sink %s refused a result of %s: %s", sink.name, frame.frame_id, exc)
                 self._telemetry.publish_error("sink_refused")
+        if confirmations is not None:
+            confirmations.arm()
         latency = max(0.0, self._clock() - frame.timestamp)
         self._telemetry.frames_processed(frame.source_id)
         self._telemetry.e2e_latency(frame.source_id, latency)

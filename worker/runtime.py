@@ -43,6 +43,7 @@ from worker.ops.health import HealthState
 from worker.ops.http import HttpServer, access_policy, build_app
 from worker.ops.metrics import Metrics
 from worker.ops.preview import PreviewHub
+from worker.preflight import problems as preflight_problems
 from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
@@ -55,8 +56,9 @@ from worker.sources import (
     VideoSourceConfig,
     build_source,
 )
+from worker.stations import StationInputs
 from worker.step.executor import WorkflowRunner
-from worker.step.workflow import WorkflowDefinition
+from worker.step.workflow import WorkflowDefinition, validate_runtime_inputs
 from worker.supervisor import (
     EXIT_FAILED,
     EXIT_OK,
@@ -178,6 +180,10 @@ class Worker:
         self.worker_id = make_worker_id(config.name, prefix=prefix)  # one per process: every client
         ready = asyncio.Event()  # set by every queue on each put and close: the batcher waits on it
         self.publisher = self._build_publisher(workflow, extra_sinks)
+        # the control topic can address one station of an MQTT source that takes it from the topic
+        self.station_inputs: StationInputs | None = None
+        if any(getattr(c, "source_id", None) for c in config.sources):
+            self.station_inputs = StationInputs(lambda values: validate_runtime_inputs(workflow, values))
         self._lanes = [self._build_lane(cfg, ready) for cfg in config.sources]
         self.recorder = self._build_recorder()
         if self.recorder is not None:
@@ -289,6 +295,8 @@ class Worker:
             broker=self.config.broker,
             decode_pool=self._decode_pool,
             worker_id=self.worker_id,
+            deliver_error=self.publisher.report_soon,
+            station_inputs=self.station_inputs,
         )
         return _Lane(source, queue, _restartable(cfg))
 
@@ -318,6 +326,7 @@ class Worker:
             self.metrics,
             self.worker_id,
             policy=self.config.control,
+            apply_station=self.station_inputs.set if self.station_inputs is not None else None,
         )
 
     def _backoff(self) -> Backoff:
@@ -579,6 +588,11 @@ def run_pipeline_file(
         preview_token = config.http.resolved_preview_token()
     except ConfigError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    found = preflight_problems(config)
+    for problem in found:  # what would otherwise retry forever: say so and stop
+        print(f"error: {path}: {problem}", file=sys.stderr)
+    if found:
         return EXIT_FAILED
     if model_files:
         local = config.model

@@ -54,6 +54,7 @@ DropReason = Literal[
     "mqtt_queue_full",
     "mqtt_duplicate",
     "internal_error",
+    "unknown_station",
     "shutdown_unprocessed",
     "server_unavailable",
     "remote_timeout",
@@ -88,6 +89,8 @@ REASON_HELP: dict[str, str] = {
     "mqtt_queue_full": "a QoS 0 frame arrived while the MQTT client's incoming queue was full",
     "mqtt_duplicate": "the broker resent a frame this source already queued (not processed twice)",
     "internal_error": "an unexpected error while handling this one message (a bug; the source goes on)",
+    "unknown_station": "an MQTT frame whose topic gives no allowed station (`source_id` from the topic, "
+    "`stations`, `max_stations`); counted under the source's own id",
     "shutdown_unprocessed": "still queued or in inference when the worker stopped after a failure",
     "server_unavailable": "a live frame while the remote inference server is down (its circuit is open)",
     "remote_timeout": "the remote inference server did not answer within `timeout_s`",

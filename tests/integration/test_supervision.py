@@ -61,7 +61,7 @@ async def test_an_exception_in_inference_closes_the_sinks_says_offline_and_exits
             code = await asyncio.wait_for(worker.run(), timeout=60)
 
         def status() -> list[str]:
-            return [m.json()["status"] for m in seen.on("segstream/crash/status")]
+            return [m.json()["status"] for m in seen.on(f"segstream/crash/status/{worker.worker_id}")]
 
         await wait_until(lambda: status()[-1:] == ["offline"], "the offline status")
         await wait_until(
@@ -71,7 +71,7 @@ async def test_an_exception_in_inference_closes_the_sinks_says_offline_and_exits
     assert code == EXIT_FAILED
     assert memory.closed
     assert status() == ["online", "offline"]
-    assert seen.on("segstream/crash/status")[-1].json()["reason"] == "shutdown"
+    assert seen.on(f"segstream/crash/status/{worker.worker_id}")[-1].json()["reason"] == "shutdown"
     assert not worker.health.readiness().ok
     # one error line says what failed and where
     errors = _errors(caplog)

@@ -48,7 +48,8 @@ def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> sub
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_the_remote_pipelines_validate(name: str) -> None:
-    result = _cli("validate", "--no-models", str(REPO / "pipelines" / name))
+    # the examples name their deployment's folders and secrets: check the files, not this machine
+    result = _cli("validate", "--no-models", "--no-environment", str(REPO / "pipelines" / name))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stderr
 

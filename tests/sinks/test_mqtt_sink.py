@@ -343,5 +343,5 @@ async def test_a_source_id_with_a_wildcard_cannot_make_a_topic(mosquitto: Mosqui
 
 def test_status_topic_and_client_id_follow_the_worker_id() -> None:
     sink = MqttSink(MqttSinkConfig(), pipeline="p", broker=BrokerConfig(), worker_id="w1")
-    assert sink.status_topic == "segstream/p/status"
+    assert sink.status_topic == "segstream/p/status/w1"  # one retained status per worker
     assert sink.client_id == "w1-sink-mqtt"

@@ -65,7 +65,8 @@ def errors() -> ErrorSink:
 
 
 class Consumer:
-    """Takes frames out of a queue (optionally slowly) until it is exhausted or cancelled."""
+    """Takes frames out of a queue (optionally slowly) until it is exhausted or cancelled; acknowledges
+    each frame it took as the publisher does once the frame's result was delivered (``ack``)."""
 
     def __init__(self, queue: FrameQueue, delay: float = 0.0) -> None:
         self.queue = queue
@@ -85,6 +86,8 @@ class Consumer:
             self.frames.append(frame)
             if self.delay:
                 await asyncio.sleep(self.delay)
+            if frame.ack is not None:
+                frame.ack()
 
 
 @contextlib.asynccontextmanager

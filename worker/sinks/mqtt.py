@@ -22,11 +22,18 @@ more attempt at once, still within the attempt-rate floor), after which the loop
 ``close()``'s timeout ends it; a broker that is down (or refuses the login) at shutdown gets a handful of
 attempts, not a flood.
 
-Status: on every connect the sink publishes a retained JSON ``{"status": "online", ...}`` to the status topic
-(default ``segstream/{pipeline}/status``); its Last Will is a retained ``{"status": "offline", "reason":
-"connection_lost"}``, which the broker publishes if the worker vanishes without a DISCONNECT; ``close()``
-publishes a retained ``offline`` itself and disconnects cleanly (no Will). Several replicas of one pipeline
-should use ``{worker}`` in ``status_topic`` so that they do not overwrite each other's status.
+Delivery confirmation: ``publish_result`` / ``publish_error`` take an ``on_delivered`` callback, called on
+the event loop once the broker acknowledged that message (QoS 1: PUBACK; never for a message dropped by
+overflow or left undelivered at shutdown). The publisher uses it to acknowledge an MQTT frame only after
+its result is safe at the broker (``worker.publisher``; at-least-once end to end).
+
+Status: on every connect the sink publishes a retained JSON ``{"status": "online", ...}`` to the status
+topic (default ``segstream/{pipeline}/status/{worker}``: one retained status per worker, so replicas never
+overwrite each other; ``mosquitto_sub -t 'segstream/<pipeline>/status/+' -v`` lists the pool); its Last
+Will is a retained ``{"status": "offline", "reason": "connection_lost"}``, which the broker publishes if
+the worker vanishes without a DISCONNECT; ``close()`` publishes a retained ``offline`` itself and
+disconnects cleanly (no Will). A ``status_topic`` without ``{worker}`` is shared by every replica, and the
+last one to speak wins.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import aiomqtt
@@ -69,7 +77,10 @@ class MqttSinkConfig(BaseModel):
         "segstream/{pipeline}/{source}/predictions", description="placeholders: {pipeline} {source} {step}"
     )
     error_topic: str = Field("segstream/{pipeline}/errors", description="placeholders: {pipeline} {source}")
-    status_topic: str = Field("segstream/{pipeline}/status", description="placeholders: {pipeline} {worker}")
+    status_topic: str = Field(
+        "segstream/{pipeline}/status/{worker}",
+        description="retained online/offline of this worker; placeholders: {pipeline} {worker}",
+    )
     qos: Literal[0, 1, 2] = 1
     retain: bool = Field(False, description="retain result messages (status is always retained)")
     outbox_size: int = Field(10_000, ge=1, le=10_000_000, description="messages kept while undelivered")
@@ -184,17 +195,25 @@ class MqttSink(SinkContextMixin):
         """The error that stopped the publisher for good (a bug or unusable settings), else None."""
         return self._failure
 
-    async def publish_result(self, result: FrameResult) -> None:
-        """Queue one result for ``topic`` (returns at once; the broker may be down)."""
+    #: ``publish_*`` take ``on_delivered`` (called when the broker acknowledged the message)
+    confirms_delivery = True
+
+    async def publish_result(
+        self, result: FrameResult, on_delivered: Callable[[], None] | None = None
+    ) -> None:
+        """Queue one result for ``topic`` (returns at once; the broker may be down); ``on_delivered``
+        is called once the broker acknowledged it."""
         self._check_accepting()
         topic = self._topic.format(pipeline=self.pipeline, source=result.source_id, step=result.step)
-        self._enqueue(topic, result.to_json(), "result", result.source_id)
+        self._enqueue(topic, result.to_json(), "result", result.source_id, on_delivered)
 
-    async def publish_error(self, report: ErrorReport) -> None:
-        """Queue one error report for ``error_topic``."""
+    async def publish_error(
+        self, report: ErrorReport, on_delivered: Callable[[], None] | None = None
+    ) -> None:
+        """Queue one error report for ``error_topic`` (``on_delivered`` as for results)."""
         self._check_accepting()
         topic = self._error_topic.format(pipeline=self.pipeline, source=report.source_id)
-        self._enqueue(topic, report.to_json(), "error", report.source_id)
+        self._enqueue(topic, report.to_json(), "error", report.source_id, on_delivered)
 
     async def flush(self) -> None:
         """Nothing to do: the publisher drains the outbox continuously."""
@@ -244,7 +263,9 @@ class MqttSink(SinkContextMixin):
         if self._failure is not None:
             raise SinkError(f"sink[{self.name}] failed: {self._failure!r}") from self._failure
 
-    def _enqueue(self, topic: str, payload: bytes, kind: str, source: str) -> None:
+    def _enqueue(
+        self, topic: str, payload: bytes, kind: str, source: str, on_delivered: Callable[[], None] | None
+    ) -> None:
         if len(payload) > self.config.max_payload_bytes:
             self.telemetry.publish_error("payload_too_large")
             self.telemetry.result_lost(source, "payload_too_large")
@@ -252,7 +273,9 @@ class MqttSink(SinkContextMixin):
                 f"sink[{self.name}]: {kind} of source {source!r} is {len(payload)} bytes, "
                 f"over max_payload_bytes={self.config.max_payload_bytes}"
             )
-        self.outbox.put(OutgoingMessage(topic, payload, self.config.qos, self.config.retain, kind, source))
+        self.outbox.put(
+            OutgoingMessage(topic, payload, self.config.qos, self.config.retain, kind, source, on_delivered)
+        )
 
     # ---- connection loop --------------------------------------------------------------------------
 
@@ -413,3 +436,8 @@ class MqttSink(SinkContextMixin):
         sent.discard(seq)
         if self.outbox.ack(seq) is not None:
             self.telemetry.published(message.kind)
+            if message.on_delivered is not None:
+                try:
+                    message.on_delivered()
+                except Exception:  # a bug in the callback must not end the connection
+                    log.exception("sink[%s]: delivery callback failed", self.name)

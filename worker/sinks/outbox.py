@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Container
-from dataclasses import dataclass
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
 
 from worker.telemetry import Telemetry
 
@@ -36,6 +36,8 @@ class OutgoingMessage:
     retain: bool
     kind: str  # "result" | "error" (telemetry label)
     source: str  # source id (drop accounting)
+    #: called once when the broker acknowledged it (never for a message dropped or left undelivered)
+    on_delivered: Callable[[], None] | None = field(default=None, compare=False)
 
 
 class Outbox:

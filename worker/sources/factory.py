@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, TypeAdapter
 
@@ -12,9 +12,12 @@ from worker.errors import ConfigError
 from worker.mqtt import BrokerConfig
 from worker.sources.base import ErrorCallback, Source
 from worker.sources.images import ImageFolderSource, ImageFolderSourceConfig
-from worker.sources.mqtt import MqttSource, MqttSourceConfig
+from worker.sources.mqtt import DeliverError, MqttSource, MqttSourceConfig
 from worker.sources.video import VideoSource, VideoSourceConfig
 from worker.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from worker.stations import StationInputs
 
 __all__ = ["SOURCE_TYPES", "SourceConfig", "build_source", "parse_source_config"]
 
@@ -50,6 +53,8 @@ def _mqtt(config: Any, deps: dict[str, Any]) -> Source:
         pipeline=deps["pipeline"],
         decode_pool=deps["decode_pool"],
         worker_id=deps["worker_id"],
+        deliver_error=deps["deliver_error"],
+        station_inputs=deps["station_inputs"],
     )
 
 
@@ -77,6 +82,8 @@ def build_source(
     broker: BrokerConfig | None = None,
     decode_pool: BlockingPool | None = None,
     worker_id: str | None = None,
+    deliver_error: DeliverError | None = None,
+    station_inputs: StationInputs | None = None,
 ) -> Source:
     """Make the source object for ``config``.
 
@@ -88,6 +95,9 @@ def build_source(
         broker: the pipeline's broker (required by ``mqtt`` sources).
         decode_pool: a shared pool for decoding MQTT payloads (else each MQTT source makes its own).
         worker_id: the process's id (``worker.ids``), the base of MQTT sources' client ids.
+        deliver_error: MQTT sources: delivers an error report, then calls its ack (the message is
+            acknowledged to the broker only then); default: ``on_error`` and an ack at once.
+        station_inputs: MQTT sources with ``source_id`` from the topic: per-station control inputs.
 
     Raises:
         ConfigError: an unknown type, or an ``mqtt`` source without a broker.
@@ -105,5 +115,7 @@ def build_source(
         "broker": broker,
         "decode_pool": decode_pool,
         "worker_id": worker_id,
+        "deliver_error": deliver_error,
+        "station_inputs": station_inputs,
     }
     return builder(config, deps)

@@ -59,7 +59,7 @@ Nothing silently lost (QoS 1, ``every_frame``):
   new), so a resend there can still be processed twice, as QoS 1 allows.
 
 aiomqtt 2.5 has no public switch for manual acknowledgement or Receive Maximum, so
-``_configure_flow_control`` sets them on the client's paho client and CONNECT properties; it is the
+``_Paho`` sets them on the client's paho client and CONNECT properties; it is the
 only place that touches aiomqtt internals.
 
 Shared subscription: with ``shared_group`` the source subscribes to ``$share/<group>/<topic>``, so
@@ -80,23 +80,27 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
+import re
+import string
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.concurrency import BlockingPool
 from worker.errors import FrameDecodeError
 from worker.frame import Frame
-from worker.ids import client_id_for, make_worker_id
+from worker.ids import WORKER_ID_ENV, client_id_for, make_worker_id
 from worker.messages import ErrorReport
 from worker.mqtt import BrokerConfig, make_client
 from worker.queues import FramePolicy, FrameQueue, QueueClosed
@@ -104,6 +108,9 @@ from worker.sources.base import Backoff, ErrorCallback
 from worker.sources.decode import DEFAULT_MAX_DECODED_BYTES, FramePayload, decode_payload
 from worker.sources.video import SOURCE_ID_PATTERN
 from worker.telemetry import NullTelemetry, Telemetry
+
+if TYPE_CHECKING:
+    from worker.stations import StationInputs
 
 __all__ = ["MAX_PAYLOAD_BYTES_LIMIT", "RESYNC_TARGET", "MqttSource", "MqttSourceConfig"]
 
@@ -127,6 +134,51 @@ MAX_PAYLOAD_BYTES_LIMIT = 128 * 1024 * 1024
 RESYNC_TARGET = "broker:source:resync"
 #: reason of an error report for an exception that is not one of the project's (a bug)
 INTERNAL_ERROR: Final = "internal_error"
+#: reason of a frame refused because its station is not allowed (not listed, over max_stations, bad id)
+UNKNOWN_STATION: Final = "unknown_station"
+#: a stop's drain may take this much longer than ``drain_timeout_s``: unsubscribing, the last DISCONNECT
+_LEAVE_S = 1.5
+#: a leaving shared-group member, unsubscribed with every frame answered, waits this long for messages
+#: its session still held before it ends the session
+_QUIET_S = 0.5
+#: session expiry of a source whose session someone can resume (a stable client id, or not shared)
+DEFAULT_SESSION_EXPIRY_S = 600
+
+#: what a source calls to have an error report delivered, then ``ack`` called (``Publisher.report_soon``)
+DeliverError = Callable[[ErrorReport, Callable[[], None] | None], None]
+
+
+class _StationTemplate:
+    """``source_id: "{topic[3]}"``: a station id made of topic levels (and literal text)."""
+
+    _FIELD = re.compile(r"topic\[(\d{1,3})\]")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"source_id {template!r}: {exc}") from exc
+        fields = 0
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if not self._FIELD.fullmatch(name) or spec or conversion:
+                raise ValueError(
+                    f"source_id {template!r}: only {{topic[N]}} placeholders (topic level N, from 0) allowed"
+                )
+            fields += 1
+        if not fields:
+            raise ValueError(f"source_id {template!r}: needs a {{topic[N]}} placeholder")
+
+    def station(self, topic: str) -> str | None:
+        """The station id of a frame on ``topic``, or None when the topic has no such level or the id
+        is not a valid source id."""
+        try:
+            value = self.template.format(topic=topic.split("/"))
+        except (IndexError, ValueError):
+            return None
+        return value if re.fullmatch(SOURCE_ID_PATTERN, value) else None
 
 
 class MqttSourceConfig(BaseModel):
@@ -158,10 +210,28 @@ class MqttSourceConfig(BaseModel):
         description="decoded images of this source alive in the worker at once (bytes); >= 2 x "
         "max_decoded_bytes",
     )
+    source_id: str | None = Field(
+        None,
+        max_length=200,
+        description='per-frame source id from the topic, e.g. "{topic[3]}" for factory/line/frames/+ '
+        "(levels counted from 0); default: id",
+    )
+    stations: list[str] | None = Field(
+        None, min_length=1, max_length=4096, description="with source_id: the only station ids accepted"
+    )
+    max_stations: int = Field(
+        64, ge=1, le=4096, description="with source_id and no stations list: most distinct station ids"
+    )
     client_id: str | None = Field(
         None, min_length=1, max_length=128, description="default: <worker id>-source-<id> (worker.ids)"
     )
-    session_expiry_s: int = Field(600, ge=0, le=7 * 24 * 3600)
+    session_expiry_s: int | None = Field(
+        None,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="default: 0 for a shared_group member whose client id is generated (nobody can "
+        "resume its session), else 600",
+    )
     receive_maximum: int = Field(16, ge=1, le=1024, description="unacknowledged QoS 1 frames in flight")
 
     @model_validator(mode="after")
@@ -172,6 +242,29 @@ class MqttSourceConfig(BaseModel):
                 f"({self.max_decoded_bytes}): one image held downstream, one being decoded"
             )
         return self
+
+    @field_validator("source_id")
+    @classmethod
+    def _check_source_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            _StationTemplate(value)
+        return value
+
+    @field_validator("stations")
+    @classmethod
+    def _check_stations(cls, value: list[str] | None) -> list[str] | None:
+        for station in value or ():
+            if not re.fullmatch(SOURCE_ID_PATTERN, station):
+                raise ValueError(f"station {station!r} is not a valid source id ({SOURCE_ID_PATTERN})")
+        return value
+
+    def resolved_session_expiry_s(self, stable_id: bool) -> int:
+        """The session expiry used: the configured one, else 0 for a shared-group member without a
+        stable client id (a session nobody resumes would strand the frames the broker queues for it),
+        else 600."""
+        if self.session_expiry_s is not None:
+            return self.session_expiry_s
+        return 0 if self.shared_group and not stable_id else DEFAULT_SESSION_EXPIRY_S
 
     @property
     def subscription(self) -> str:
@@ -203,7 +296,7 @@ class _ReadPause:
 
     aiomqtt 2.5 registers its own reader on the socket and has no pause; this class removes it and
     puts back an equivalent one (``loop_read`` until the TLS buffer is empty; an exception ends the
-    connection the way aiomqtt's does). Like ``_configure_flow_control``, it touches aiomqtt internals.
+    connection the way aiomqtt's does). Like ``_Paho``, it touches aiomqtt internals.
     """
 
     def __init__(self, client: aiomqtt.Client, on_pause: Callable[[], None]) -> None:
@@ -264,7 +357,9 @@ class _RecentMessages:
     """
 
     def __init__(self, size: int) -> None:
-        self._digests: collections.OrderedDict[tuple[int, int], bytes] = collections.OrderedDict()
+        self._digests: collections.OrderedDict[tuple[int, int], tuple[bytes, _Ack | None]] = (
+            collections.OrderedDict()
+        )
         self._size = size
 
     @staticmethod
@@ -274,17 +369,18 @@ class _RecentMessages:
             return None
         return message.mid, len(payload)
 
-    def candidate(self, key: tuple[int, int] | None) -> bytes | None:
-        """The digest of the recent message with this id and length, or None (not a redelivery)."""
+    def candidate(self, key: tuple[int, int] | None) -> tuple[bytes, _Ack | None] | None:
+        """The digest (and pending ack) of the recent message with this id and length, or None (not a
+        redelivery)."""
         return None if key is None else self._digests.get(key)
 
     def clear(self) -> None:
         self._digests.clear()
 
-    def add(self, key: tuple[int, int] | None, digest: bytes) -> None:
+    def add(self, key: tuple[int, int] | None, digest: bytes, ack: _Ack | None) -> None:
         if key is None:
             return
-        self._digests[key] = digest
+        self._digests[key] = (digest, ack)
         self._digests.move_to_end(key)
         while len(self._digests) > self._size:
             self._digests.popitem(last=False)
@@ -395,15 +491,66 @@ def _incoming_queue(
     return IncomingQueue
 
 
-def _configure_flow_control(client: aiomqtt.Client, *, v5: bool, receive_maximum: int) -> None:
-    """Manual PUBACKs, and (v5) Receive Maximum on CONNECT. aiomqtt 2.5 exposes neither."""
-    client._client.manual_ack_set(True)
-    if v5:
-        properties = client._properties
-        if properties is None:
-            properties = Properties(PacketTypes.CONNECT)
-            client._properties = properties
-        properties.ReceiveMaximum = receive_maximum
+class _Paho:
+    """The one adapter to what aiomqtt 2.5 does not expose of its paho client (manual PUBACKs, Receive
+    Maximum on CONNECT, DISCONNECT with a Session Expiry Interval). ``_ReadPause`` is the only other
+    code that touches aiomqtt internals. paho-mqtt 2.x supports all of it; aiomqtt keeps its paho client
+    in ``Client._client`` and its CONNECT properties in ``Client._properties``.
+    """
+
+    @staticmethod
+    def configure(client: aiomqtt.Client, *, v5: bool, receive_maximum: int) -> None:
+        """Manual PUBACKs, and (v5) Receive Maximum on CONNECT."""
+        client._client.manual_ack_set(True)
+        if v5:
+            properties = client._properties
+            if properties is None:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                client._properties = properties
+            properties.ReceiveMaximum = receive_maximum
+
+    @staticmethod
+    def ack(client: aiomqtt.Client, mid: int, qos: int) -> None:
+        """Send the PUBACK of message ``mid`` (on the connection it came on)."""
+        client._client.ack(mid, qos)
+
+    @staticmethod
+    async def end_session(client: aiomqtt.Client, timeout: float) -> None:  # noqa: ASYNC109
+        """Disconnect with Session Expiry Interval 0 (MQTT v5 DISCONNECT property): the broker drops
+        the session at once and queues nothing more for this client id. aiomqtt's ``__aexit__`` then
+        sees the connection closed and returns."""
+        properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        if client._client.disconnect(properties=properties) == 0:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(client._disconnected), timeout)
+
+
+class _Ack:
+    """The acknowledgement of one QoS 1 message, called once its frame's outcome was delivered.
+
+    It acknowledges on the connection the message came on (``client``); after that connection is gone
+    the broker delivers the message again (the session resends it), so a late call does nothing. A
+    redelivery that the source recognises moves the ack to the new connection (``retarget``).
+    """
+
+    __slots__ = ("client", "delivered", "mid", "qos", "source")
+
+    def __init__(self, source: MqttSource, client: aiomqtt.Client, mid: int, qos: int) -> None:
+        self.source = source
+        self.client = client
+        self.mid = mid
+        self.qos = qos
+        self.delivered = False
+
+    def retarget(self, client: aiomqtt.Client, mid: int) -> None:
+        self.client, self.mid = client, mid
+
+    def __call__(self) -> None:
+        if self.delivered:
+            return
+        self.delivered = True
+        self.source._acknowledged(self)
 
 
 def _decode(payload: bytes, max_bytes: int, max_pixels: int, max_decoded_bytes: int) -> _Decoded:
@@ -434,11 +581,21 @@ class MqttSource:
         pipeline: str = "",
         decode_pool: BlockingPool | None = None,
         worker_id: str | None = None,
+        deliver_error: DeliverError | None = None,
+        drain_timeout_s: float = 30.0,
+        station_inputs: StationInputs | None = None,
     ) -> None:
         self.config = config
+        #: per-station inputs from the control topic, put under each frame's own parameters
+        self.station_inputs = station_inputs
+        #: at a stop, how long to wait for the outcomes of the frames already taken (the runtime's
+        #: ``shutdown_grace_s`` bounds it too); what is unacknowledged then comes back from the broker
+        self.drain_timeout_s = drain_timeout_s
         self.broker = broker
         self.telemetry: Telemetry = telemetry or NullTelemetry()
         self.on_error = on_error
+        #: when set, error reports go here with their ack (called once the report was delivered)
+        self.deliver_error = deliver_error
         self.pipeline = pipeline
         self._pool = decode_pool
         self._own_pool = decode_pool is None
@@ -453,12 +610,37 @@ class MqttSource:
         # worker.ids: the process's worker id (unique per process unless the user fixes it) + the role
         worker = worker_id or make_worker_id(pipeline or "segstream", prefix=broker.client_id)
         self.client_id = config.client_id or client_id_for(worker, "source", config.id)
+        stable = config.client_id is not None or bool(os.environ.get(WORKER_ID_ENV))
+        self.session_expiry_s = config.resolved_session_expiry_s(stable)
+        self._station = _StationTemplate(config.source_id) if config.source_id else None
+        self._allowed = frozenset(config.stations) if config.stations else None
+        self._stations: set[str] = set()
+        #: the connection acks go to (None between connections)
+        self._client: aiomqtt.Client | None = None
+        #: acks of frames queued or reported and not yet delivered
+        self._pending: set[_Ack] = set()
+        self._acked = asyncio.Event()
+        #: True once the session reads messages (a stop then drains instead of cancelling)
+        self._reading = False
+        self._drain_deadline = 0.0
 
     @property
     def source_id(self) -> str:
         return self.config.id
 
+    @property
+    def pending_acks(self) -> int:
+        """QoS 1 frames taken from the broker whose outcome is not yet delivered."""
+        return len(self._pending)
+
+    @property
+    def stations(self) -> frozenset[str]:
+        """The station ids seen so far (``source_id`` from the topic)."""
+        return frozenset(self._stations)
+
     async def stop(self) -> None:
+        if not self._stop_requested.is_set():
+            self._drain_deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
         self._stop_requested.set()
 
     def _make_client(self, overflow: _Overflow) -> aiomqtt.Client:
@@ -467,12 +649,12 @@ class MqttSource:
             self.broker,
             identifier=self.client_id,
             clean_start=False,
-            session_expiry_s=cfg.session_expiry_s or None,
+            session_expiry_s=self.session_expiry_s or None,
             max_queued_incoming_messages=2 * cfg.receive_maximum,
             queue_type=_incoming_queue(self.telemetry, cfg.id, overflow, high_water=cfg.receive_maximum),
             logger=_client_log,
         )
-        _configure_flow_control(client, v5=self.broker.protocol == "5", receive_maximum=cfg.receive_maximum)
+        _Paho.configure(client, v5=self.broker.protocol == "5", receive_maximum=cfg.receive_maximum)
         return client
 
     async def run(self, queue: FrameQueue) -> None:
@@ -489,9 +671,14 @@ class MqttSource:
                 session = asyncio.ensure_future(self._session(queue, backoff))
                 session.set_name(f"source[{self.source_id}].mqtt")
                 done, _ = await asyncio.wait({session, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if session not in done:  # stop requested: leave the broker cleanly
-                    session.cancel()
-                    await asyncio.wait({session})
+                if session not in done:
+                    if self._reading:  # connected: the session drains and leaves (see _leave)
+                        await asyncio.wait({session}, timeout=self.drain_timeout_s + _LEAVE_S)
+                    # still connecting (nothing taken yet), or the drain overran: what is
+                    # unacknowledged comes back from the broker
+                    while not session.done():
+                        session.cancel()
+                        await asyncio.wait({session}, timeout=1.0)
                     return
                 outcome = session.result()
                 if outcome == "closed":  # the queue was closed under us
@@ -513,10 +700,10 @@ class MqttSource:
         """One broker connection.
 
         Returns:
-            ``"closed"``: the queue was closed, stop for good; ``"lost"``: the connection failed,
-            reconnect after a backoff delay; ``"resync"``: the incoming queue overflowed, reconnect at
-            once so the broker redelivers what was held back (in order: the session resends the
-            unacknowledged messages first).
+            ``"closed"``: the queue was closed or a stop was served, stop for good; ``"lost"``: the
+            connection failed, reconnect after a backoff delay; ``"resync"``: the incoming queue
+            overflowed, reconnect at once so the broker redelivers what was held back (in order: the
+            session resends the unacknowledged messages first).
         """
         cfg = self.config
         overflow = _Overflow()
@@ -527,35 +714,167 @@ class MqttSource:
                     granted = await client.subscribe(cfg.subscription, options=options)
                 else:
                     granted = await client.subscribe(cfg.subscription, qos=cfg.qos)
-                codes = [int(getattr(code, "value", code)) for code in granted]
+                codes = [code.value if isinstance(code, ReasonCode) else int(code) for code in granted]
                 if any(code >= 0x80 for code in codes):
                     log.error("source %s: broker refused %s", self.source_id, cfg.subscription)
                     return "lost"
                 self.telemetry.source_connected(self.source_id, True)
                 backoff.reset()
                 log.info(
-                    "source %s: subscribed to %s as %s", self.source_id, cfg.subscription, self.client_id
+                    "source %s: subscribed to %s as %s (session expiry %d s)",
+                    self.source_id,
+                    cfg.subscription,
+                    self.client_id,
+                    self.session_expiry_s,
                 )
                 overflow.reader = reader = _ReadPause(client, self._count_read_pause)
-                async for message in client.messages:
-                    if not await self._handle(client, message, queue):
-                        return "closed"
-                    if reader.paused and not overflow.sealed and len(client.messages) < cfg.receive_maximum:
-                        reader.resume()
-                    if overflow.sealed and len(client.messages) == 0:
-                        log.warning(
-                            "source %s: the broker sent more than receive_maximum=%d frames; %d held "
-                            "back unacknowledged; reconnecting for their redelivery",
-                            self.source_id,
-                            cfg.receive_maximum,
-                            overflow.held_back,
-                        )
-                        return "resync"
+                self._client = client
+                self._reading = True
+                try:
+                    return await self._read(client, queue, overflow, reader)
+                finally:
+                    self._reading = False
+                    self._client = None
         except aiomqtt.MqttError as exc:
             log.warning("source %s: broker connection lost (%s); reconnecting", self.source_id, exc)
         finally:
             self.telemetry.source_connected(self.source_id, False)
         return "lost"
+
+    async def _read(
+        self, client: aiomqtt.Client, queue: FrameQueue, overflow: _Overflow, reader: _ReadPause
+    ) -> str:
+        """Handle messages until the connection ends (MqttError), a resync, or a stop (``_leave``)."""
+        cfg = self.config
+        messages = client.messages
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_requested.wait())
+        get: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if get is None:
+                    get = asyncio.ensure_future(anext(messages))
+                done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    return await self._leave(client, queue, get, reader)
+                message, get = get.result(), None
+                if not await self._handle(client, message, queue):
+                    return "closed"
+                if reader.paused and not overflow.sealed and len(messages) < cfg.receive_maximum:
+                    reader.resume()
+                if overflow.sealed and len(messages) == 0:
+                    log.warning(
+                        "source %s: the broker sent more than receive_maximum=%d frames; %d held "
+                        "back unacknowledged; reconnecting for their redelivery",
+                        self.source_id,
+                        cfg.receive_maximum,
+                        overflow.held_back,
+                    )
+                    return "resync"
+        finally:
+            stop.cancel()
+            if get is not None and not get.done():
+                get.cancel()
+
+    async def _leave(
+        self,
+        client: aiomqtt.Client,
+        queue: FrameQueue,
+        get: asyncio.Future[Any],
+        reader: _ReadPause,
+    ) -> str:
+        """A graceful stop while connected.
+
+        A shared-group member unsubscribes first (the broker sends its share to the others from now
+        on), handles every message it was already sent, waits until the outcome of each of its frames
+        was delivered and acknowledged, then disconnects with Session Expiry Interval 0: nothing is
+        left queued for it at the broker. Any other source stops taking messages (those already sent
+        stay unacknowledged in its persistent session, for the next run), waits for its frames'
+        outcomes and acknowledgements the same way, and disconnects keeping its session. The runtime
+        bounds all of it by ``shutdown_grace_s`` (cancelling the source at the deadline: what is
+        unacknowledged then is delivered again, at least once).
+        """
+        cfg = self.config
+        if cfg.shared_group:
+            log.info("source %s: stopping: unsubscribing from %s, draining", self.source_id, cfg.subscription)
+            unsubscribe = asyncio.ensure_future(client.unsubscribe(cfg.subscription))
+            acked: asyncio.Future[Any] | None = None
+            try:
+                while True:
+                    waitables: set[asyncio.Future[Any]] = {get}
+                    quiet: float | None = None
+                    if not unsubscribe.done():
+                        waitables.add(unsubscribe)
+                    else:
+                        unsubscribe.result()  # MqttError: the connection is gone; its frames come back
+                        if any(ack.client is client for ack in self._pending):
+                            if acked is None or acked.done():
+                                self._acked.clear()
+                                acked = asyncio.ensure_future(self._acked.wait())
+                            waitables.add(acked)
+                        else:
+                            # messages the session had queued for us keep coming as acks free the
+                            # broker's in-flight window: leave once none came for a while
+                            quiet = _QUIET_S
+                    done, _ = await asyncio.wait(
+                        waitables, timeout=quiet, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if get in done:
+                        if not await self._handle(client, get.result(), queue):
+                            return "closed"
+                        get = asyncio.ensure_future(anext(client.messages))
+                        if reader.paused and len(client.messages) < cfg.receive_maximum:
+                            reader.resume()  # the UNSUBACK must be read too
+                    elif not done:
+                        break
+            finally:
+                if not unsubscribe.done():
+                    unsubscribe.cancel()
+                if acked is not None:
+                    acked.cancel()
+            get.cancel()
+        elif get.done() and not get.cancelled() and get.exception() is None:
+            # taken from the queue just before the stop: handled like the others
+            if not await self._handle(client, get.result(), queue):
+                return "closed"
+        else:
+            get.cancel()
+        await self._wait_delivered(client)
+        if cfg.shared_group and self.broker.protocol == "5":
+            await _Paho.end_session(client, _LEAVE_S / 2)
+            log.info(
+                "source %s: session ended (expiry 0): nothing is queued for %s",
+                self.source_id,
+                self.client_id,
+            )
+        return "closed"
+
+    async def _wait_delivered(self, client: aiomqtt.Client) -> None:
+        """Until every frame taken on ``client`` had its outcome delivered and acknowledged (at most
+        ``drain_timeout_s``)."""
+        try:
+            async with asyncio.timeout_at(self._drain_deadline):
+                while any(ack.client is client for ack in self._pending):
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            left = sum(ack.client is client for ack in self._pending)
+            log.warning(
+                "source %s: %d frames still unanswered after %.1f s; leaving them unacknowledged "
+                "(the broker delivers them again)",
+                self.source_id,
+                left,
+                self.drain_timeout_s,
+            )
+
+    def _acknowledged(self, ack: _Ack) -> None:
+        """An ``_Ack`` was called: PUBACK on its connection if that is still the current one."""
+        self._pending.discard(ack)
+        self._acked.set()
+        if ack.client is self._client:
+            try:
+                _Paho.ack(ack.client, ack.mid, ack.qos)
+            except Exception:  # the connection broke meanwhile: the broker resends it
+                log.debug("source %s: ack of message %d failed", self.source_id, ack.mid, exc_info=True)
 
     def _count_read_pause(self) -> None:
         self.read_pauses += 1
@@ -565,19 +884,45 @@ class MqttSource:
         """Bytes of this source's decoded images alive in the worker now."""
         return self._budget.used if self._budget is not None else 0
 
+    def _new_ack(self, client: aiomqtt.Client, message: aiomqtt.Message) -> _Ack | None:
+        if message.qos == 0:
+            return None
+        ack = _Ack(self, client, message.mid, message.qos)
+        self._pending.add(ack)
+        return ack
+
+    def _station_of(self, topic: str) -> tuple[str | None, str]:
+        """``(station id, why not)``: the frame's source id from its topic (None: refused)."""
+        if self._station is None:
+            return self.source_id, ""
+        station = self._station.station(topic)
+        if station is None:
+            return None, f"topic {topic!r} gives no valid station id from {self._station.template!r}"
+        if self._allowed is not None:
+            if station not in self._allowed:
+                return None, f"station {station!r} (topic {topic!r}) is not in stations"
+        elif station not in self._stations and len(self._stations) >= self.config.max_stations:
+            return None, (
+                f"station {station!r} (topic {topic!r}) would exceed max_stations={self.config.max_stations}"
+            )
+        self._stations.add(station)
+        return station, ""
+
     async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message, queue: FrameQueue) -> bool:
         """Decode one message and queue its frame; False if the queue is closed.
 
         Never raises for a problem of this one message (cancellation and a closed queue aside): it
-        is reported and acknowledged, and the next message goes on.
+        is reported (acknowledged once the report was delivered), and the next message goes on.
         """
         pool, budget = self._pool, self._budget
         if pool is None or budget is None:
             raise RuntimeError("MqttSource._handle outside run()")
         number = self._frame_number
         self._frame_number += 1
-        self.telemetry.frame_received(self.source_id)
         topic = str(message.topic)
+        station, refusal = self._station_of(topic)
+        label = station or self.source_id
+        self.telemetry.frame_received(label)
         try:
             payload = message.payload
             if not isinstance(payload, bytes | bytearray):
@@ -588,25 +933,35 @@ class MqttSource:
             recent = self._recent.candidate(key)
             if recent is not None:
                 digest = _UNREAD if oversize else await pool.run(_digest, bytes(payload))
-                if digest == recent:
-                    # a redelivery of a message this source already queued (or answered) and acknowledged
-                    self.telemetry.frame_dropped(self.source_id, "mqtt_duplicate")
-                    log.debug(
-                        "source %s: message %d resent, already queued; skipped", self.source_id, message.mid
-                    )
-                    self._ack(client, message)
+                if digest == recent[0]:
+                    # a redelivery of a message this source already queued (or answered)
+                    self.telemetry.frame_dropped(label, "mqtt_duplicate")
+                    log.debug("source %s: message %d resent, already queued; skipped", label, message.mid)
+                    earlier = recent[1]
+                    if earlier is None or earlier.delivered:
+                        self._ack_now(client, message)
+                    else:  # still on its way: its ack goes to this connection when it is delivered
+                        earlier.retarget(client, message.mid)
                     return True
-            if oversize:  # refused before it is copied to a thread or hashed
+            if station is None:
                 self._report(
+                    FrameDecodeError(refusal, reason=UNKNOWN_STATION), number, topic, label, client, message
+                )
+                self._recent.add(key, _UNREAD, None)
+                return True
+            if oversize:  # refused before it is copied to a thread or hashed
+                ack = self._report(
                     FrameDecodeError(
                         f"payload of {len(payload)} bytes exceeds max_payload_bytes={limit}",
                         reason="oversize",
                     ),
                     number,
                     topic,
+                    label,
+                    client,
+                    message,
                 )
-                self._ack(client, message)
-                self._recent.add(key, _UNREAD)
+                self._recent.add(key, _UNREAD, ack)
                 return True
             await budget.admit(self.config.max_decoded_bytes, pool)
             decoded = await pool.run(
@@ -617,87 +972,160 @@ class MqttSource:
                 self.config.max_decoded_bytes,
             )
             if decoded.error is not None or decoded.parsed is None:
-                self._report(decoded.error or FrameDecodeError("payload not decoded"), number, topic)
-                self._ack(client, message)
-                self._recent.add(key, decoded.digest)
+                error = decoded.error or FrameDecodeError("payload not decoded")
+                ack = self._report(error, number, topic, label, client, message, decoded.digest)
+                self._recent.add(key, decoded.digest, ack)
                 return True
             parsed = decoded.parsed
+            digest = decoded.digest
+            ack = self._new_ack(client, message)
             frame = Frame(
-                source_id=self.source_id,
+                source_id=station,
                 frame_number=number,
                 timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
                 image=decoded.image,
                 frame_id=parsed.frame_id or "",
-                parameters=parsed.parameters,
+                parameters=self._parameters(station, parsed.parameters),
+                topic=topic,
+                idempotency_key=_idempotency_key(station, parsed.frame_id, digest),
+                ack=ack,
             )
             budget.hold(decoded.image)
-            digest = decoded.digest
             del decoded
         except Exception as exc:  # a bug on one message must not stop the source (see the module doc)
-            self._report_unexpected(exc, number, topic)
-            self._ack(client, message)
+            self._report_unexpected(exc, number, topic, label, client, message)
             return True
         try:
             await queue.put(frame)
         except QueueClosed:
+            if ack is not None:  # never acknowledged: the broker delivers it again
+                self._pending.discard(ack)
+                self._acked.set()
             return False
-        self._ack(client, message)
-        self._recent.add(key, digest)
+        self._recent.add(key, digest, ack)
         return True
 
-    @staticmethod
-    def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        if message.qos > 0:
-            client._client.ack(message.mid, message.qos)
+    def _parameters(self, station: str, own: dict[str, Any]) -> dict[str, Any]:
+        """The frame's parameters: its own over its station's inputs (``worker.stations``)."""
+        if self.station_inputs is None or self._station is None:
+            return own
+        set_for_station = self.station_inputs.get(station)
+        return {**set_for_station, **own} if set_for_station else own
 
-    def _report(self, exc: FrameDecodeError, number: int, topic: str) -> None:
-        self.telemetry.frame_dropped(self.source_id, exc.reason)
-        frame_id = exc.frame_id or f"{self.source_id}:{number}"
+    @staticmethod
+    def _ack_now(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        if message.qos > 0:
+            _Paho.ack(client, message.mid, message.qos)
+
+    def _report(
+        self,
+        exc: FrameDecodeError,
+        number: int,
+        topic: str,
+        label: str,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+        digest: bytes | None = None,
+    ) -> _Ack | None:
+        """Count, log and report one refused payload; its ack is called once the report was delivered."""
+        self.telemetry.frame_dropped(label, exc.reason)
+        frame_id = exc.frame_id or f"{label}:{number}"
         log.warning(
             "source %s: frame %d (%s) on %s dropped: %s (%s)",
-            self.source_id,
+            label,
             number,
             frame_id,
             topic,
             exc,
             exc.reason,
-            extra={"source": self.source_id, "frame_id": frame_id},
+            extra={"source": label, "frame_id": frame_id},
         )
-        self._send_report(exc.reason, f"{topic}: {exc}", frame_id, number)
+        key = _idempotency_key(label, exc.frame_id, digest)
+        return self._send_report(
+            exc.reason, f"{topic}: {exc}", frame_id, number, topic, label, key, client, message
+        )
 
-    def _report_unexpected(self, exc: Exception, number: int, topic: str) -> None:
+    def _report_unexpected(
+        self,
+        exc: Exception,
+        number: int,
+        topic: str,
+        label: str,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+    ) -> None:
         """An exception that is not one of the project's, on one message: report it, log it with
         its traceback the first time (one line after that), go on."""
         kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
         first = kind not in self._unexpected_seen
         self._unexpected_seen.add(kind)
-        self.telemetry.frame_dropped(self.source_id, INTERNAL_ERROR)
-        frame_id = f"{self.source_id}:{number}"
+        self.telemetry.frame_dropped(label, INTERNAL_ERROR)
+        frame_id = f"{label}:{number}"
         log.error(
             "source %s: frame %d on %s dropped: unexpected %s: %s%s",
-            self.source_id,
+            label,
             number,
             topic,
             kind,
             exc,
             "" if first else " (traceback logged before)",
             exc_info=exc if first else None,
-            extra={"source": self.source_id, "frame_id": frame_id},
+            extra={"source": label, "frame_id": frame_id},
         )
-        self._send_report(INTERNAL_ERROR, f"{topic}: internal error ({type(exc).__name__})", frame_id, number)
+        self._send_report(
+            INTERNAL_ERROR,
+            f"{topic}: internal error ({type(exc).__name__})",
+            frame_id,
+            number,
+            topic,
+            label,
+            None,
+            client,
+            message,
+        )
 
-    def _send_report(self, reason: str, message: str, frame_id: str, number: int) -> None:
-        if self.on_error is None:
-            return
+    def _send_report(
+        self,
+        reason: str,
+        text: str,
+        frame_id: str,
+        number: int,
+        topic: str,
+        label: str,
+        key: str | None,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+    ) -> _Ack | None:
+        """Hand the report to the publisher; the message is acknowledged once the report was delivered
+        (with ``deliver_error``), else at once."""
+        ack = self._new_ack(client, message)
         try:
             report = ErrorReport(
                 pipeline=self.pipeline,
-                source_id=self.source_id,
+                source_id=label,
                 reason=reason,
-                message=message[:2000],
+                message=text[:2000],
                 frame_id=frame_id,
                 frame_number=number,
+                topic=topic,
+                idempotency_key=key,
             )
-            self.on_error(report)
+            if self.deliver_error is not None:
+                self.deliver_error(report, ack)
+                return ack
+            if self.on_error is not None:
+                self.on_error(report)
         except Exception:  # the error path itself must not stop the source
-            log.exception("source %s: reporting the error of frame %d failed", self.source_id, number)
+            log.exception("source %s: reporting the error of frame %d failed", label, number)
+        if ack is not None:
+            ack()
+        return ack
+
+
+def _idempotency_key(source: str, frame_id: str | None, digest: bytes | None) -> str | None:
+    """``<source>/<frame_id>`` when the sender named the frame, else ``<source>/<payload digest>``."""
+    if frame_id:
+        return f"{source}/{frame_id}"
+    if digest:
+        return f"{source}/{digest.hex()}"
+    return None
