@@ -110,6 +110,33 @@ def _option_text(value: Any) -> str:
     return str(value)
 
 
+def _check_arguments(session_batch: int | None, intra_op_threads: int, inter_op_threads: int) -> None:
+    if session_batch is not None and session_batch < 1:
+        raise ValueError(f"session_batch must be >= 1, got {session_batch}")
+    if intra_op_threads < 0 or inter_op_threads < 0:
+        raise ValueError(
+            f"thread counts must be >= 0, got intra_op_threads={intra_op_threads}, "
+            f"inter_op_threads={inter_op_threads}"
+        )
+
+
+def _session_options(
+    intra_op_threads: int, inter_op_threads: int, allow_spinning: bool
+) -> ort.SessionOptions:
+    """Full graph optimisation, the thread counts, parallel mode above one inter-op thread."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if inter_op_threads > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    spinning = "1" if allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    return options
+
+
 class OnnxSegmentationModel(LetterboxedBackend):
     """A YOLOv8-seg layout ONNX model in an ONNX Runtime session (a :class:`SegmentationBackend`).
 
@@ -159,13 +186,7 @@ class OnnxSegmentationModel(LetterboxedBackend):
         letterbox: str = "square",
     ) -> None:
         super().__init__()
-        if session_batch is not None and session_batch < 1:
-            raise ValueError(f"session_batch must be >= 1, got {session_batch}")
-        if intra_op_threads < 0 or inter_op_threads < 0:
-            raise ValueError(
-                f"thread counts must be >= 0, got intra_op_threads={intra_op_threads}, "
-                f"inter_op_threads={inter_op_threads}"
-            )
+        _check_arguments(session_batch, intra_op_threads, inter_op_threads)
         self.model_id = model_id
         self._source = model_id or str(package_path_or_weights)
         package = locate_package(package_path_or_weights)
@@ -177,41 +198,9 @@ class OnnxSegmentationModel(LetterboxedBackend):
         chosen = resolve_providers(
             providers, ort.get_available_providers(), allow_fallback=allow_fallback, source=self._source
         )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
-        options.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL if inter_op_threads > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
-        )
-        spinning = "1" if allow_spinning else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        try:
-            self._session: ort.InferenceSession | None = ort.InferenceSession(
-                str(self.weights_path),
-                sess_options=options,
-                providers=[name for name, _ in chosen],
-                provider_options=[opts for _, opts in chosen],
-            )
-        except ORT_ERRORS as exc:
-            raise ModelError(
-                f"{self._source}: cannot load ONNX model {self.weights_path}: {exc}", model_id=model_id
-            ) from exc
-
-        try:
-            self.signature: ModelSignature = read_signature(self._session)
-            self.metadata: ModelMetadata = build_metadata(self.signature, file_fields, source=self._source)
-            self._pred_index, self._proto_index = output_indices(self.signature, self.metadata.num_classes)
-        except ModelError as exc:
-            exc.model_id = model_id
-            raise
-        input_type = self._session.get_inputs()[0].type
-        if input_type not in _INPUT_TYPES:
-            raise ModelError(
-                f"{self._source}: input must be float or float16, got {input_type}", model_id=model_id
-            )
-        self._input_dtype = _INPUT_TYPES[input_type]
+        options = _session_options(intra_op_threads, inter_op_threads, allow_spinning)
+        self._session: ort.InferenceSession | None = self._open_session(options, chosen)
+        self._read_layout(self._session, file_fields)
         self.input_size: tuple[int, int] = self._choose_input_size(input_size)
         self.letterbox_mode = self._choose_letterbox(letterbox)
         used = self.providers
@@ -224,6 +213,39 @@ class OnnxSegmentationModel(LetterboxedBackend):
         log.info("model %s loaded: %s", self._source, self.info.summary())
         if warmup:
             self._warmup()
+
+    def _open_session(
+        self, options: ort.SessionOptions, chosen: list[tuple[str, dict[str, str]]]
+    ) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(self.weights_path),
+                sess_options=options,
+                providers=[name for name, _ in chosen],
+                provider_options=[opts for _, opts in chosen],
+            )
+        except ORT_ERRORS as exc:
+            raise ModelError(
+                f"{self._source}: cannot load ONNX model {self.weights_path}: {exc}",
+                model_id=self.model_id,
+            ) from exc
+
+    def _read_layout(self, session: ort.InferenceSession, file_fields: dict[str, Any] | None) -> None:
+        """Signature, metadata, output indices and input dtype of the loaded session."""
+        try:
+            self.signature: ModelSignature = read_signature(session)
+            self.metadata: ModelMetadata = build_metadata(self.signature, file_fields, source=self._source)
+            self._pred_index, self._proto_index = output_indices(self.signature, self.metadata.num_classes)
+        except ModelError as exc:
+            exc.model_id = self.model_id
+            raise
+        input_type = session.get_inputs()[0].type
+        if input_type not in _INPUT_TYPES:
+            raise ModelError(
+                f"{self._source}: input must be float or float16, got {input_type}",
+                model_id=self.model_id,
+            )
+        self._input_dtype = _INPUT_TYPES[input_type]
 
     @property
     def input_name(self) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,37 @@ def _constant_values(node: Any, index: int) -> list[int] | None:
     return [int(v) for v in np.asarray(source.get_data()).reshape(-1)]
 
 
+def _check_arguments(precision: str, threads: int, num_requests: int, session_batch: int | None) -> None:
+    if threads < 0 or num_requests < 1 or (session_batch is not None and session_batch < 1):
+        raise ValueError(
+            f"need threads >= 0, num_requests >= 1, session_batch >= 1; got {threads}, "
+            f"{num_requests}, {session_batch}"
+        )
+    if precision not in ("auto", *_HINTS):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
+def _precision_hint(core: Any, device: str, precision: str) -> str:
+    """The precision to ask for: ``auto`` on the CPU is bf16 where it has it, else fp32."""
+    if precision != "auto":
+        return precision
+    if device != "CPU":
+        return "auto"
+    return "bf16" if cpu_supports_bf16(core) else "fp32"
+
+
+def _compile_config(device: str, hint: str, threads: int, num_requests: int) -> dict[str, Any]:
+    """Latency hint, the precision hint, and on the CPU one stream per request and the threads."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if hint != "auto":
+        config["INFERENCE_PRECISION_HINT"] = _HINTS[hint]
+    if device == "CPU":
+        config["NUM_STREAMS"] = num_requests
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
 class OpenVinoSegmentationModel(LetterboxedBackend):
     """A YOLOv8-seg layout model compiled by OpenVINO (a :class:`SegmentationBackend`).
 
@@ -168,13 +199,7 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
         letterbox: str = "square",
     ) -> None:
         super().__init__()
-        if threads < 0 or num_requests < 1 or (session_batch is not None and session_batch < 1):
-            raise ValueError(
-                f"need threads >= 0, num_requests >= 1, session_batch >= 1; got {threads}, "
-                f"{num_requests}, {session_batch}"
-            )
-        if precision not in ("auto", *_HINTS):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        _check_arguments(precision, threads, num_requests, session_batch)
         ov = _openvino()
         self.model_id = model_id
         self._source = model_id or str(package_path_or_weights)
@@ -186,66 +211,22 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
         props = read_package_signature(package, prefer_ir=package.ir_path is not None).metadata_props
 
         core = ov.Core()
-        if device.split(":")[0] not in ("AUTO", "MULTI", "HETERO") and device.split(".")[0] not in (
-            core.available_devices
-        ):
-            raise ModelError(
-                f"{self._source}: OpenVINO device {device!r} is not available; this machine has "
-                f"{core.available_devices}",
-                model_id=model_id,
-            )
-        try:
-            model = core.read_model(str(self.weights_path))
-        except RuntimeError as exc:
-            raise ModelError(
-                f"{self._source}: cannot load model {self.weights_path}: {exc}", model_id=model_id
-            ) from exc
-        try:
-            graph = signature_of_openvino_model(model)
-            self.signature: ModelSignature = ModelSignature(
-                graph.input_name, graph.input_shape, graph.output_names, graph.output_shapes, props
-            )
-            self.metadata: ModelMetadata = build_metadata(self.signature, file_fields, source=self._source)
-            self._pred_index, self._proto_index = output_indices(self.signature, self.metadata.num_classes)
-        except ModelError as exc:
-            exc.model_id = model_id
-            raise
+        self._check_device(core, device)
+        model = self._read_model(core)
+        self._read_layout(model, props, file_fields)
         self.input_size: tuple[int, int] = self._choose_input_size(input_size)
         self.letterbox_mode = self._choose_letterbox(letterbox)
         if self.metadata.output_layout == "end2end" and materialize_sliced_gathers(model):
             log.debug("%s: end-to-end head: sliced GatherElements inputs made explicit", self._source)
-        height, width = self.input_size if self.letterbox_mode == "square" else (-1, -1)
-        batch_dim = self.signature.static_batch or -1
-        try:
-            model.reshape({model.inputs[0]: ov.PartialShape([batch_dim, 3, height, width])})
-        except RuntimeError as exc:
-            raise ModelError(
-                f"{self._source}: cannot reshape the input to [{batch_dim}, 3, {height}, {width}]: {exc}",
-                model_id=model_id,
-            ) from exc
+        self._reshape_input(ov, model)
 
         self._quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        is_cpu = device == "CPU"
-        hint = precision
-        if precision == "auto":
-            hint = "bf16" if is_cpu and cpu_supports_bf16(core) else ("fp32" if is_cpu else "auto")
-        if hint != "auto":
-            config["INFERENCE_PRECISION_HINT"] = _HINTS[hint]
-        if is_cpu:
-            config["NUM_STREAMS"] = num_requests
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = threads
+        hint = _precision_hint(core, device, precision)
+        config = _compile_config(device, hint, threads, num_requests)
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
-        try:
-            self._compiled: Any = core.compile_model(model, device, config)
-        except RuntimeError as exc:
-            raise ModelError(
-                f"{self._source}: OpenVINO cannot compile the model for {device} with {config}: {exc}",
-                model_id=model_id,
-            ) from exc
+        self._compiled: Any = self._compile(core, model, device, config)
         self._requested = (device,)
         self._device = device
         self._precision = self._compiled_precision(hint)
@@ -263,6 +244,59 @@ class OpenVinoSegmentationModel(LetterboxedBackend):
         log.info("model %s loaded: %s", self._source, self.info.summary())
         if warmup:
             self._warmup()
+
+    def _check_device(self, core: Any, device: str) -> None:
+        """Raise unless ``device`` is a virtual device or one this machine has."""
+        if device.split(":")[0] in ("AUTO", "MULTI", "HETERO"):
+            return
+        if device.split(".")[0] not in core.available_devices:
+            raise ModelError(
+                f"{self._source}: OpenVINO device {device!r} is not available; this machine has "
+                f"{core.available_devices}",
+                model_id=self.model_id,
+            )
+
+    def _read_model(self, core: Any) -> Any:
+        try:
+            return core.read_model(str(self.weights_path))
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{self._source}: cannot load model {self.weights_path}: {exc}", model_id=self.model_id
+            ) from exc
+
+    def _read_layout(self, model: Any, props: Mapping[str, str], file_fields: dict[str, Any] | None) -> None:
+        """Signature, metadata and output indices of the read (not yet compiled) model."""
+        try:
+            graph = signature_of_openvino_model(model)
+            self.signature: ModelSignature = ModelSignature(
+                graph.input_name, graph.input_shape, graph.output_names, graph.output_shapes, props
+            )
+            self.metadata: ModelMetadata = build_metadata(self.signature, file_fields, source=self._source)
+            self._pred_index, self._proto_index = output_indices(self.signature, self.metadata.num_classes)
+        except ModelError as exc:
+            exc.model_id = self.model_id
+            raise
+
+    def _reshape_input(self, ov: Any, model: Any) -> None:
+        """Fix the input to the run size (``square``) or keep the spatial axes dynamic (``rect``)."""
+        height, width = self.input_size if self.letterbox_mode == "square" else (-1, -1)
+        batch_dim = self.signature.static_batch or -1
+        try:
+            model.reshape({model.inputs[0]: ov.PartialShape([batch_dim, 3, height, width])})
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{self._source}: cannot reshape the input to [{batch_dim}, 3, {height}, {width}]: {exc}",
+                model_id=self.model_id,
+            ) from exc
+
+    def _compile(self, core: Any, model: Any, device: str, config: dict[str, Any]) -> Any:
+        try:
+            return core.compile_model(model, device, config)
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{self._source}: OpenVINO cannot compile the model for {device} with {config}: {exc}",
+                model_id=self.model_id,
+            ) from exc
 
     def _property(self, name: str, default: Any) -> Any:
         try:

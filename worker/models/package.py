@@ -265,47 +265,65 @@ def locate_package(path: str | Path) -> ModelPackage:
     """
     path = Path(path)
     if path.is_dir():
-        onnx_file = path / WEIGHTS_FILE
-        if not onnx_file.is_file():  # an export as the user has it: one .onnx file of any name
-            candidates = sorted(p for p in path.glob("*.onnx") if p.is_file())
-            if len(candidates) > 1:
-                raise ModelError(
-                    f"model package {path} has several ONNX files {[c.name for c in candidates]}; keep one "
-                    f"(or name the one to use {WEIGHTS_FILE})"
-                )
-            onnx_file = candidates[0] if candidates else onnx_file
-        ir_file = path / IR_WEIGHTS_FILE
-        yaml_file = path / ULTRALYTICS_METADATA_FILE
-        if not ir_file.is_file() and yaml_file.is_file():
-            candidates = sorted(path.glob("*.xml"))
-            if len(candidates) > 1:
-                raise ModelError(f"model package {path} has several OpenVINO IR files: {candidates}")
-            ir_file = candidates[0] if candidates else ir_file
-        onnx_found = onnx_file if onnx_file.is_file() else None
-        ir_found = ir_file if ir_file.is_file() and ir_file.with_suffix(".bin").is_file() else None
-        if onnx_found is None and ir_found is None:
-            raise ModelError(
-                f"model package {path} has no {WEIGHTS_FILE} (nor an OpenVINO {IR_WEIGHTS_FILE})"
-            )
-        metadata = path / METADATA_FILE
-        return ModelPackage(
-            onnx_found,
-            ir_found,
-            metadata if metadata.is_file() else None,
-            path,
-            yaml_file if yaml_file.is_file() else None,
-        )
+        return _locate_in_folder(path)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".onnx":
-            return ModelPackage(path, None, None, None)
-        if suffix == ".xml":
-            if not path.with_suffix(".bin").is_file():
-                raise ModelError(f"OpenVINO IR {path} has no {path.with_suffix('.bin').name} beside it")
-            yaml_file = path.parent / ULTRALYTICS_METADATA_FILE
-            return ModelPackage(None, path, None, None, yaml_file if yaml_file.is_file() else None)
-        raise ModelError(f"{path} is neither a model package folder nor an .onnx / OpenVINO .xml file")
+        return _locate_file(path)
     raise ModelError(f"model package {path} does not exist")
+
+
+def _folder_onnx(path: Path) -> Path:
+    """``weights.onnx``, else the folder's one ``.onnx`` file of any name (as the user exported it)."""
+    onnx_file = path / WEIGHTS_FILE
+    if onnx_file.is_file():
+        return onnx_file
+    candidates = sorted(p for p in path.glob("*.onnx") if p.is_file())
+    if len(candidates) > 1:
+        raise ModelError(
+            f"model package {path} has several ONNX files {[c.name for c in candidates]}; keep one "
+            f"(or name the one to use {WEIGHTS_FILE})"
+        )
+    return candidates[0] if candidates else onnx_file
+
+
+def _folder_ir(path: Path, yaml_file: Path) -> Path:
+    """``weights.xml``, else in an Ultralytics OpenVINO export its one ``.xml`` file."""
+    ir_file = path / IR_WEIGHTS_FILE
+    if ir_file.is_file() or not yaml_file.is_file():
+        return ir_file
+    candidates = sorted(path.glob("*.xml"))
+    if len(candidates) > 1:
+        raise ModelError(f"model package {path} has several OpenVINO IR files: {candidates}")
+    return candidates[0] if candidates else ir_file
+
+
+def _locate_in_folder(path: Path) -> ModelPackage:
+    yaml_file = path / ULTRALYTICS_METADATA_FILE
+    onnx_file = _folder_onnx(path)
+    ir_file = _folder_ir(path, yaml_file)
+    onnx_found = onnx_file if onnx_file.is_file() else None
+    ir_found = ir_file if ir_file.is_file() and ir_file.with_suffix(".bin").is_file() else None
+    if onnx_found is None and ir_found is None:
+        raise ModelError(f"model package {path} has no {WEIGHTS_FILE} (nor an OpenVINO {IR_WEIGHTS_FILE})")
+    metadata = path / METADATA_FILE
+    return ModelPackage(
+        onnx_found,
+        ir_found,
+        metadata if metadata.is_file() else None,
+        path,
+        yaml_file if yaml_file.is_file() else None,
+    )
+
+
+def _locate_file(path: Path) -> ModelPackage:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return ModelPackage(path, None, None, None)
+    if suffix == ".xml":
+        if not path.with_suffix(".bin").is_file():
+            raise ModelError(f"OpenVINO IR {path} has no {path.with_suffix('.bin').name} beside it")
+        yaml_file = path.parent / ULTRALYTICS_METADATA_FILE
+        return ModelPackage(None, path, None, None, yaml_file if yaml_file.is_file() else None)
+    raise ModelError(f"{path} is neither a model package folder nor an .onnx / OpenVINO .xml file")
 
 
 def read_ultralytics_yaml(path: Path) -> dict[str, str]:
@@ -394,24 +412,9 @@ def parse_ultralytics_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     """
     fields: dict[str, Any] = {}
     if "names" in props:
-        names = _literal(props, "names")
-        if isinstance(names, dict):
-            keys = sorted(names)
-            if keys != list(range(len(keys))):
-                raise ModelError(f"metadata_props 'names' must have class ids 0..C-1, got {keys}")
-            fields["class_names"] = [str(names[k]) for k in keys]
-        elif isinstance(names, list | tuple):
-            fields["class_names"] = [str(n) for n in names]
-        else:
-            raise ModelError(f"metadata_props 'names' must be a dict or list, got {props['names']!r}")
+        fields["class_names"] = _class_names(props)
     if "imgsz" in props:
-        imgsz = _literal(props, "imgsz")
-        if isinstance(imgsz, int):
-            imgsz = [imgsz, imgsz]
-        pair = isinstance(imgsz, list | tuple) and len(imgsz) == 2
-        if not (pair and all(isinstance(v, int) and v > 0 for v in imgsz)):
-            raise ModelError(f"metadata_props 'imgsz' must be [h, w], got {props['imgsz']!r}")
-        fields["input_size"] = (imgsz[0], imgsz[1])
+        fields["input_size"] = _input_size(props)
     if "stride" in props:
         stride = _literal(props, "stride")
         if not isinstance(stride, int):
@@ -428,6 +431,30 @@ def parse_ultralytics_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     if described:
         fields["provenance"] = {"metadata_props": described}
     return fields
+
+
+def _class_names(props: Mapping[str, str]) -> list[str]:
+    """``names``: a dict of class ids 0..C-1 (Ultralytics) or a list, in id order."""
+    names = _literal(props, "names")
+    if isinstance(names, dict):
+        keys = sorted(names)
+        if keys != list(range(len(keys))):
+            raise ModelError(f"metadata_props 'names' must have class ids 0..C-1, got {keys}")
+        return [str(names[k]) for k in keys]
+    if isinstance(names, list | tuple):
+        return [str(n) for n in names]
+    raise ModelError(f"metadata_props 'names' must be a dict or list, got {props['names']!r}")
+
+
+def _input_size(props: Mapping[str, str]) -> tuple[int, int]:
+    """``imgsz``: ``[h, w]`` of positive integers, or one integer for a square."""
+    imgsz = _literal(props, "imgsz")
+    if isinstance(imgsz, int):
+        imgsz = [imgsz, imgsz]
+    pair = isinstance(imgsz, list | tuple) and len(imgsz) == 2
+    if not (pair and all(isinstance(v, int) and v > 0 for v in imgsz)):
+        raise ModelError(f"metadata_props 'imgsz' must be [h, w], got {props['imgsz']!r}")
+    return (imgsz[0], imgsz[1])
 
 
 def _flag(props: Mapping[str, Any], key: str) -> bool | None:

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 _PARAMS_CACHE_LIMIT = 256
 
 
+#: per frame index: the step's resolved parameters, its model, its post-processing
+_Resolved = dict[int, tuple[ResolvedStepParameters, SegmentationBackend, PostprocessParams]]
+#: per (model id, frame index): the model's output for that frame, or its error
+_RawCache = dict[tuple[str, int], RawSegmentation | Detections | SegstreamError]
+
+
 @dataclass(slots=True)
 class FrameOutcome:
     """What the workflow made of one frame.
@@ -295,74 +301,20 @@ class WorkflowRunner:
         outcomes = [FrameOutcome(frame=f) for f in frames]
         for outcome in outcomes:
             outcome.error = self._unknown_parameters(outcome.frame)
-        defaults = self.runtime_inputs
+        defaults = self.runtime_inputs  # one snapshot for the whole batch
         # step results per frame: {step name: {output name: value}}
         step_values: list[dict[str, dict[str, Any]]] = [{} for _ in frames]
         model_seconds = 0.0
         post_seconds = 0.0
-        raw_cache: dict[tuple[str, int], RawSegmentation | Detections | SegstreamError] = {}
+        raw_cache: _RawCache = {}
         for step in self._steps:
-            resolved: dict[int, tuple[ResolvedStepParameters, SegmentationBackend, PostprocessParams]] = {}
-            for i, outcome in enumerate(outcomes):
-                if outcome.error is not None:
-                    continue
-                try:
-                    params = step.resolver.resolve(defaults, outcome.frame.parameters)
-                    model = self._model_for(params)
-                    resolved[i] = (params, model, self._postprocess_params(params, model))
-                except ParameterError as exc:
-                    outcome.error = exc
-            # one inference per (model, frame), shared by steps that use the same model
-            by_model: dict[str, list[int]] = {}
-            for i, (params, _, _) in resolved.items():
-                if (params.model_id, i) not in raw_cache:
-                    by_model.setdefault(params.model_id, []).append(i)
-            for model_id, indices in by_model.items():
-                started = time.perf_counter()
-                model = self._models[model_id]
-                raws: Sequence[RawSegmentation | Detections | SegstreamError]
-                if isinstance(model, RemoteStepBackend):  # the server runs the step: per step
-                    step_params = [resolved[i][0] for i in indices]
-                    raws = detect_holding(
-                        model, [frames[i] for i in indices], step_params, self._held_sources
-                    )
-                else:
-                    raws = self._infer(model, [frames[i] for i in indices])
-                model_seconds += time.perf_counter() - started
-                for i, output in zip(indices, raws, strict=True):
-                    raw_cache[(model_id, i)] = output
+            resolved = self._resolve_step(step, outcomes, defaults)
+            model_seconds += self._run_models(frames, resolved, raw_cache)
             started = time.perf_counter()
             for i, (params, model, post) in resolved.items():
-                raw = raw_cache[(params.model_id, i)]
-                if isinstance(raw, SegstreamError):
-                    outcomes[i].error = raw
-                    continue
-                try:
-                    if isinstance(raw, Detections):  # a remote backend post-processed already
-                        detections = drop_empty_masks(raw)
-                    else:
-                        detections = postprocess_raw(raw, post, len(model.class_names))
-                    predictions = serialize_predictions(
-                        detections,
-                        model.class_names,
-                        parent_id=frames[i].frame_id,
-                        mask_format="rle" if params.rle_masks else "polygon",
-                        id_factory=self._new_id,
-                    )
-                except ValueError as exc:  # outputs the post-processing cannot take (a broken model)
-                    error = StepError(f"step {step.name!r}: post-processing failed: {exc}", step=step.name)
-                    error.reason = "postprocess_error"
-                    outcomes[i].error = error
-                    continue
-                inference_id = self._new_id()
-                values: dict[str, Any] = {"inference_id": inference_id, "predictions": predictions}
-                if "model_id" in step.outputs:
-                    values["model_id"] = params.model_id
-                step_values[i][step.name] = values
-                outcomes[i].detections[step.name] = detections
-                if outcomes[i].inference_id is None:
-                    outcomes[i].inference_id = inference_id
-                    outcomes[i].model_id = params.model_id
+                self._postprocess_frame(
+                    step, outcomes[i], step_values[i], params, model, post, raw_cache[(params.model_id, i)]
+                )
             post_seconds += time.perf_counter() - started
             # a server that runs the whole step answered for this step's parameters only
             for key in [k for k in raw_cache if isinstance(self._models[k[0]], RemoteStepBackend)]:
@@ -375,6 +327,90 @@ class WorkflowRunner:
                 # included): a reference cycle only the cyclic collector would free, much later
                 outcome.error.__traceback__ = None
         return BatchResult(outcomes, model_seconds, post_seconds)
+
+    def _resolve_step(
+        self, step: InstanceSegmentationStep, outcomes: Sequence[FrameOutcome], defaults: Mapping[str, Any]
+    ) -> _Resolved:
+        """The step's parameters, model and post-processing per frame not failed yet (by index).
+
+        A frame whose parameters do not resolve gets the error as its outcome.
+        """
+        resolved: _Resolved = {}
+        for i, outcome in enumerate(outcomes):
+            if outcome.error is not None:
+                continue
+            try:
+                params = step.resolver.resolve(defaults, outcome.frame.parameters)
+                model = self._model_for(params)
+                resolved[i] = (params, model, self._postprocess_params(params, model))
+            except ParameterError as exc:
+                outcome.error = exc
+        return resolved
+
+    def _run_models(self, frames: Sequence[Frame], resolved: _Resolved, raw_cache: _RawCache) -> float:
+        """Fill ``raw_cache`` with one inference per (model, frame) it lacks; the seconds it took.
+
+        Steps that use the same model share its outputs.
+        """
+        by_model: dict[str, list[int]] = {}
+        for i, (params, _, _) in resolved.items():
+            if (params.model_id, i) not in raw_cache:
+                by_model.setdefault(params.model_id, []).append(i)
+        seconds = 0.0
+        for model_id, indices in by_model.items():
+            started = time.perf_counter()
+            model = self._models[model_id]
+            raws: Sequence[RawSegmentation | Detections | SegstreamError]
+            if isinstance(model, RemoteStepBackend):  # the server runs the step: per step
+                step_params = [resolved[i][0] for i in indices]
+                raws = detect_holding(model, [frames[i] for i in indices], step_params, self._held_sources)
+            else:
+                raws = self._infer(model, [frames[i] for i in indices])
+            seconds += time.perf_counter() - started
+            for i, output in zip(indices, raws, strict=True):
+                raw_cache[(model_id, i)] = output
+        return seconds
+
+    def _postprocess_frame(
+        self,
+        step: InstanceSegmentationStep,
+        outcome: FrameOutcome,
+        values_by_step: dict[str, dict[str, Any]],
+        params: ResolvedStepParameters,
+        model: SegmentationBackend,
+        post: PostprocessParams,
+        raw: RawSegmentation | Detections | SegstreamError,
+    ) -> None:
+        """One frame's step outputs from the model's output, or the error as its outcome."""
+        if isinstance(raw, SegstreamError):
+            outcome.error = raw
+            return
+        try:
+            if isinstance(raw, Detections):  # a remote backend post-processed already
+                detections = drop_empty_masks(raw)
+            else:
+                detections = postprocess_raw(raw, post, len(model.class_names))
+            predictions = serialize_predictions(
+                detections,
+                model.class_names,
+                parent_id=outcome.frame.frame_id,
+                mask_format="rle" if params.rle_masks else "polygon",
+                id_factory=self._new_id,
+            )
+        except ValueError as exc:  # outputs the post-processing cannot take (a broken model)
+            error = StepError(f"step {step.name!r}: post-processing failed: {exc}", step=step.name)
+            error.reason = "postprocess_error"
+            outcome.error = error
+            return
+        inference_id = self._new_id()
+        values: dict[str, Any] = {"inference_id": inference_id, "predictions": predictions}
+        if "model_id" in step.outputs:
+            values["model_id"] = params.model_id
+        values_by_step[step.name] = values
+        outcome.detections[step.name] = detections
+        if outcome.inference_id is None:
+            outcome.inference_id = inference_id
+            outcome.model_id = params.model_id
 
     def _infer(
         self, model: SegmentationBackend, frames: Sequence[Frame]
