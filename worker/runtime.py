@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
@@ -92,6 +93,26 @@ class _PreviewObserver:
 
     async def aclose(self) -> None:
         self._hub.close()
+
+
+class _DetectionsCounter:
+    """``segstream_detections_total{source,class}``: the published detections of each result, by class."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_result(self, published: PublishedFrame) -> None:
+        detections = published.detections
+        if detections is None or len(detections) == 0:
+            return
+        names = published.class_names
+        source = published.frame.source_id
+        for class_id, count in Counter(detections.class_id.tolist()).items():
+            name = names[class_id] if 0 <= class_id < len(names) else str(class_id)
+            self._metrics.detections(source, name, count)
+
+    async def aclose(self) -> None:
+        pass
 
 
 class _Lane:
@@ -276,7 +297,7 @@ class Worker:
             summary=self.summary,
             primary_step=workflow.steps[0].name,
             class_names={mid: tuple(m.class_names) for mid, m in self.runner.models.items()},
-            observers=[self.summary, _PreviewObserver(self.preview)],
+            observers=[self.summary, _DetectionsCounter(self.metrics), _PreviewObserver(self.preview)],
         )
 
     def _build_lane(self, cfg: SourceConfig, ready: asyncio.Event) -> _Lane:
