@@ -179,7 +179,18 @@ class Worker:
         )
         for model_id, model in runner.models.items():
             info = model.info
-            log.info("model %s: %s", model_id, info.summary())
+            height, width = model.input_size
+            names = tuple(model.class_names)
+            log.info(
+                "model %s: %s, input %dx%d, %d classes (%s)",
+                model_id,
+                info.summary(),
+                width,
+                height,
+                len(names),
+                ", ".join(names),
+                extra={"model_id": model_id, "backend": info.backend, "providers": ",".join(info.used)},
+            )
             self.metrics.model_loaded(model_id, info.backend, info.precision, info.requested, info.used)
         self.health.set_model_loaded(True)
         for model_id, model in runner.models.items():
@@ -368,7 +379,10 @@ class Worker:
             self._decode_pool.shutdown(wait=False)
         self._log_totals(code)
         if self.config.print_summary:
-            print(self.summary.render(), file=sys.stderr, flush=True)
+            if self.config.log_format == "json":  # nothing but JSON: the summary is one record
+                log.info("run summary", extra={"summary": self.summary.to_dict()})
+            else:
+                print(self.summary.render(), file=sys.stderr, flush=True)
         return code
 
     async def _run(self) -> int:
