@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
+from typing import TextIO
 
 from worker import __version__
 from worker.active_learning import build_sampler
@@ -44,6 +45,7 @@ from worker.ops.health import HealthState
 from worker.ops.http import HttpServer, access_policy, build_app
 from worker.ops.metrics import Metrics
 from worker.ops.preview import PreviewHub
+from worker.progress import ProgressLine, progress_stream
 from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
@@ -153,6 +155,7 @@ class Worker:
         model_pool: the pool ``runner`` runs in (``inference_threads`` threads); the worker shuts it down.
         metrics: a ``Metrics`` to report into (default: a new one with its own registry).
         extra_sinks: sinks added to the configured ones (tests, embedding).
+        progress: a terminal to draw the progress line on (``segstream run``; see ``worker.progress``).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class Worker:
         *,
         metrics: Metrics | None = None,
         extra_sinks: Sequence[Sink] = (),
+        progress: TextIO | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -241,6 +245,11 @@ class Worker:
             on_progress=self.health.batcher_progress,
         )
         self.control = self._build_control()
+        self.progress = (
+            None
+            if progress is None
+            else ProgressLine(progress, [lane.source for lane in self._lanes], self.metrics.snapshot)
+        )
 
     @classmethod
     async def create(
@@ -250,6 +259,7 @@ class Worker:
         models_dir: Path | None = None,
         metrics: Metrics | None = None,
         extra_sinks: Sequence[Sink] = (),
+        progress: TextIO | None = None,
     ) -> Worker:
         """Validate the workflow, load its models (in the model pool), build the worker.
 
@@ -268,7 +278,9 @@ class Worker:
             runner = await pool.run(
                 WorkflowRunner, workflow, ModelRegistry(dirs), model_config=config.model, held_sources=held
             )
-            return cls(config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks)
+            return cls(
+                config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks, progress=progress
+            )
         except BaseException:
             pool.shutdown(wait=False)
             raise
@@ -440,6 +452,8 @@ class Worker:
 
     def _start_stages(self, supervisor: Supervisor) -> _Stages:
         supervisor.background("health.heartbeat", lambda: self.health.heartbeat(on_lag=self.metrics.loop_lag))
+        if self.progress is not None:
+            supervisor.background("progress", self.progress.run)
         control = None
         if self.control is not None:
             control = supervisor.restartable(
@@ -586,11 +600,16 @@ class _StopSignals:
             log.info("stop requested while starting: the worker stops once it has started")
 
 
-async def run_worker(config: PipelineConfig, *, models_dir: Path | None = None) -> int:
-    """Build and run one pipeline in the current event loop with signal handling; the exit code."""
+async def run_worker(
+    config: PipelineConfig, *, models_dir: Path | None = None, progress: TextIO | None = None
+) -> int:
+    """Build and run one pipeline in the current event loop with signal handling; the exit code.
+
+    ``progress``: a terminal for the progress line of sources of known length (None: no line).
+    """
     with _StopSignals() as signals:
         try:
-            worker = await Worker.create(config, models_dir=models_dir)
+            worker = await Worker.create(config, models_dir=models_dir, progress=progress)
         except SegstreamError as exc:
             log.error("%s", _one_line(exc))
             return EXIT_FAILED
@@ -625,7 +644,8 @@ def run_pipeline_file(
     broker_password = config.broker.resolved_password() if config.broker else None
     secrets = [p for p in [broker_password, preview_token] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)
-    return asyncio.run(run_worker(config, models_dir=models_dir))
+    progress = progress_stream(config.log_format, sys.stderr)
+    return asyncio.run(run_worker(config, models_dir=models_dir, progress=progress))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -139,3 +139,53 @@ async def test_a_file_read_once_knows_its_length(tmp_path: Path) -> None:
     queue = FrameQueue("f", FRAMES + 1, "every_frame")
     await asyncio.wait_for(source.run(queue), timeout=30)
     assert source.expected_frames == FRAMES
+
+
+def _run_on_a_terminal(path: Path) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal; what the terminal received (``\\r\\n`` line ends)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=path.parent,
+        )
+        os.close(slave)
+        slave = -1
+        received = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal's last writer
+                break
+            if not chunk:
+                break
+            received += chunk
+        code = proc.wait(timeout=120)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return code, received.decode()
+
+
+def test_run_draws_progress_on_a_terminal(tmp_path: Path, models_dir: Path) -> None:
+    code, text = _run_on_a_terminal(_pipeline(tmp_path, models_dir))
+    assert code == 0, text
+    lines = text.split("\r\n")
+    final = [line for line in lines if "progress: " in line]
+    assert final, text
+    # the last state, drawn in place (\r, erase) and ended with a newline: every frame done
+    assert final[-1].rpartition("\r\x1b[K")[2].startswith(f"progress: {FRAMES}/{FRAMES} frames (100%), ")
+    assert final[-1].endswith("ETA 0:00")
+
+
+def test_no_progress_in_json_mode_even_on_a_terminal(tmp_path: Path, models_dir: Path) -> None:
+    code, text = _run_on_a_terminal(_pipeline(tmp_path, models_dir, log_format="json", print_summary=True))
+    assert code == 0, text
+    assert "progress: " not in text and "\x1b[K" not in text
+    records = [json.loads(line) for line in text.split("\r\n") if line]  # nothing but JSON
+    assert any(r["msg"] == "run summary" for r in records)
