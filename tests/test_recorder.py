@@ -181,3 +181,56 @@ def test_summary_counts_published_frames_per_source() -> None:
     summary.add_batch(0.5, 0.25)
     assert summary.frames == {"a": 2, "b": 1}
     assert (summary.batches, summary.model_seconds, summary.postprocess_seconds) == (1, 0.5, 0.25)
+
+
+def _codec_and_frames(path: Path) -> tuple[str, int]:
+    cap = cv2.VideoCapture(str(path))
+    codec = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    return codec, count
+
+
+def test_a_webm_path_gives_vp8_which_browsers_play(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="worker.recorder")
+    writer = AnnotatedVideoWriter(tmp_path / "annotated.webm", 25.0, NAMES)
+    for _ in range(5):
+        writer.offer(np.full((48, 64, 3), 90, np.uint8), _detections())
+    writer.close()
+    assert (writer.written, writer.skipped) == (5, 0)
+    assert _codec_and_frames(tmp_path / "annotated.webm") == ("VP80", 5)
+    assert "codec VP80" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_an_mp4_path_uses_h264_if_the_build_has_it_else_mp4v_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe = cv2.VideoWriter(
+        str(tmp_path / "probe.mp4"), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*"avc1"), 25, (64, 48)
+    )
+    has_h264 = probe.isOpened()
+    probe.release()
+    writer = AnnotatedVideoWriter(tmp_path / "annotated.mp4", 25.0, NAMES)
+    for _ in range(3):
+        writer.offer(np.full((48, 64, 3), 90, np.uint8), None)
+    writer.close()
+    codec, frames = _codec_and_frames(tmp_path / "annotated.mp4")
+    assert frames == 3
+    if has_h264:
+        assert codec in ("avc1", "h264", "H264") and "browsers do not play" not in caplog.text
+    else:
+        assert codec == "FMP4"  # how FFmpeg reads back the mp4v tag
+        assert "no avc1 encoder" in caplog.text and ".webm" in caplog.text
+
+
+def test_a_suffix_without_a_working_codec_is_an_error_not_a_dead_thread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = AnnotatedVideoWriter(tmp_path / "annotated.xyz", 25.0, NAMES)  # no container FFmpeg knows
+    for _ in range(3):
+        writer.put(np.full((48, 64, 3), 90, np.uint8), None)
+    writer.close()
+    assert (writer.written, writer.skipped) == (0, 3)
+    assert "none of the codecs mp4v opens" in caplog.text

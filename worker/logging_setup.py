@@ -96,6 +96,10 @@ class RedactingFilter(logging.Filter):
             return self.redact(value)
         if isinstance(value, (int, float, bool)) or value is None:
             return value
+        if isinstance(value, dict):  # structured fields (the run summary) stay structured, redacted
+            return {str(k): self._redact_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._redact_value(v) for v in value]
         return self.redact(str(value))
 
     def filter(self, record: logging.LogRecord) -> bool:

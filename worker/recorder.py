@@ -7,6 +7,7 @@ encodes) to that interface for one source.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -26,7 +27,54 @@ from worker.step.detections import Detections
 if TYPE_CHECKING:
     from worker.publisher import PublishedFrame
 
-__all__ = ["AnnotatedVideo", "AnnotatedVideoWriter", "RunSummary"]
+log = logging.getLogger(__name__)
+
+__all__ = ["VIDEO_CODECS", "AnnotatedVideo", "AnnotatedVideoWriter", "RunSummary", "open_video_writer"]
+
+
+#: codecs tried in order, by file suffix; the first is what browsers play, a later one a fallback.
+#: What OpenCV 5.1's pip wheel (its bundled FFmpeg, avcodec 63.1) opens: VP80 and VP90 into .webm,
+#: VP90 and mp4v into .mp4, MJPG into .avi; no H.264 encoder (avc1 / H264 do not open). VP9 costs
+#: ~8x VP8's encoding time at 720p, so .webm is VP8.
+VIDEO_CODECS: dict[str, tuple[str, ...]] = {
+    ".webm": ("VP80", "VP90"),
+    ".mkv": ("VP80", "VP90"),
+    ".mp4": ("avc1", "mp4v"),
+    ".m4v": ("avc1", "mp4v"),
+    ".mov": ("avc1", "mp4v"),
+    ".avi": ("MJPG",),
+}
+#: codecs browsers do not play (a warning names the alternative)
+_NOT_FOR_BROWSERS = frozenset({"mp4v", "MJPG"})
+
+
+def open_video_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    """A ``cv2.VideoWriter`` for ``path`` with the first codec of its suffix that this build opens.
+
+    Logs the codec chosen (a warning when browsers cannot play it).
+
+    Raises:
+        OSError: no codec of the suffix opens (an unknown suffix, or a build without them).
+    """
+    codecs = VIDEO_CODECS.get(path.suffix.lower(), ("mp4v",))
+    for codec in codecs:
+        writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter.fourcc(*codec), fps, size)
+        if writer.isOpened():
+            if codec in _NOT_FOR_BROWSERS and codec != codecs[0]:
+                log.warning(
+                    "annotated video %s: no %s encoder in this OpenCV build; writing %s, which browsers "
+                    "do not play (a .webm path gives VP8, which they do)",
+                    path,
+                    codecs[0],
+                    codec,
+                )
+            else:
+                log.info("annotated video %s: codec %s", path, codec)
+            return writer
+        writer.release()
+    raise OSError(
+        f"annotated video {path}: none of the codecs {', '.join(codecs)} opens in this OpenCV build"
+    )
 
 
 class AnnotatedVideoWriter:
@@ -37,7 +85,9 @@ class AnnotatedVideoWriter:
     counted in ``skipped``); ``put`` waits for room (every-frame sources: the video has every frame).
 
     Args:
-        path: output file (``.mp4`` is written with the ``mp4v`` codec, ``.avi`` with MJPG).
+        path: output file; its suffix picks the codec (``video_codecs``): ``.webm`` VP8 (browsers
+            play it), ``.mp4`` H.264 where the OpenCV build has an encoder, else ``mp4v`` with a
+            warning (browsers do not play it), ``.avi`` MJPG.
         fps: the video's frame rate.
         class_names: names in class id order.
         max_queue: frames waiting for the writer at most.
@@ -100,10 +150,16 @@ class AnnotatedVideoWriter:
             image, detections = item
             frame = annotate(image, detections, self.class_names) if detections is not None else image
             if self._writer is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fourcc = cv2.VideoWriter.fourcc(*("MJPG" if self.path.suffix == ".avi" else "mp4v"))
                 height, width = frame.shape[:2]
-                self._writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (width, height))
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._writer = open_video_writer(self.path, self.fps, (width, height))
+                except OSError as exc:
+                    log.error("%s; no annotated video", exc)
+                    self.skipped += 1
+                    while self._queue.get() is not None:  # keep taking frames: nobody waits on us
+                        self.skipped += 1
+                    return
             self._writer.write(frame)
             self.written += 1
         if self._writer is not None:

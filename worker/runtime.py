@@ -20,9 +20,11 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
+from typing import TextIO
 
 from worker import __version__
 from worker.active_learning import build_sampler
@@ -44,6 +46,7 @@ from worker.ops.http import HttpServer, access_policy, build_app
 from worker.ops.metrics import Metrics
 from worker.ops.preview import PreviewHub
 from worker.preflight import problems as preflight_problems
+from worker.progress import ProgressLine, progress_stream
 from worker.publisher import PublishedFrame, Publisher
 from worker.queues import FrameQueue
 from worker.recorder import AnnotatedVideo, AnnotatedVideoWriter, RunSummary
@@ -96,6 +99,26 @@ class _PreviewObserver:
         self._hub.close()
 
 
+class _DetectionsCounter:
+    """``segstream_detections_total{source,class}``: the published detections of each result, by class."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_result(self, published: PublishedFrame) -> None:
+        detections = published.detections
+        if detections is None or len(detections) == 0:
+            return
+        names = published.class_names
+        source = published.frame.source_id
+        for class_id, count in Counter(detections.class_id.tolist()).items():
+            name = names[class_id] if 0 <= class_id < len(names) else str(class_id)
+            self._metrics.detections(source, name, count)
+
+    async def aclose(self) -> None:
+        pass
+
+
 class _Lane:
     """One source and its queue, and whether the source may be restarted after a failure."""
 
@@ -134,6 +157,7 @@ class Worker:
         model_pool: the pool ``runner`` runs in (``inference_threads`` threads); the worker shuts it down.
         metrics: a ``Metrics`` to report into (default: a new one with its own registry).
         extra_sinks: sinks added to the configured ones (tests, embedding).
+        progress: a terminal to draw the progress line on (``segstream run``; see ``worker.progress``).
     """
 
     def __init__(
@@ -145,6 +169,7 @@ class Worker:
         *,
         metrics: Metrics | None = None,
         extra_sinks: Sequence[Sink] = (),
+        progress: TextIO | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -160,7 +185,18 @@ class Worker:
         )
         for model_id, model in runner.models.items():
             info = model.info
-            log.info("model %s: %s", model_id, info.summary())
+            height, width = model.input_size
+            names = tuple(model.class_names)
+            log.info(
+                "model %s: %s, input %dx%d, %d classes (%s)",
+                model_id,
+                info.summary(),
+                width,
+                height,
+                len(names),
+                ", ".join(names),
+                extra={"model_id": model_id, "backend": info.backend, "providers": ",".join(info.used)},
+            )
             self.metrics.model_loaded(model_id, info.backend, info.precision, info.requested, info.used)
         self.health.set_model_loaded(True)
         for model_id, model in runner.models.items():
@@ -215,6 +251,11 @@ class Worker:
             on_progress=self.health.batcher_progress,
         )
         self.control = self._build_control()
+        self.progress = (
+            None
+            if progress is None
+            else ProgressLine(progress, [lane.source for lane in self._lanes], self.metrics.snapshot)
+        )
 
     @classmethod
     async def create(
@@ -224,6 +265,7 @@ class Worker:
         models_dir: Path | None = None,
         metrics: Metrics | None = None,
         extra_sinks: Sequence[Sink] = (),
+        progress: TextIO | None = None,
     ) -> Worker:
         """Validate the workflow, load its models (in the model pool), build the worker.
 
@@ -242,7 +284,9 @@ class Worker:
             runner = await pool.run(
                 WorkflowRunner, workflow, ModelRegistry(dirs), model_config=config.model, held_sources=held
             )
-            return cls(config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks)
+            return cls(
+                config, workflow, runner, pool, metrics=metrics, extra_sinks=extra_sinks, progress=progress
+            )
         except BaseException:
             pool.shutdown(wait=False)
             raise
@@ -282,7 +326,7 @@ class Worker:
             summary=self.summary,
             primary_step=workflow.steps[0].name,
             class_names={mid: tuple(m.class_names) for mid, m in self.runner.models.items()},
-            observers=[self.summary, _PreviewObserver(self.preview)],
+            observers=[self.summary, _DetectionsCounter(self.metrics), _PreviewObserver(self.preview)],
         )
 
     def _build_lane(self, cfg: SourceConfig, ready: asyncio.Event) -> _Lane:
@@ -356,7 +400,10 @@ class Worker:
             self._decode_pool.shutdown(wait=False)
         self._log_totals(code)
         if self.config.print_summary:
-            print(self.summary.render(), file=sys.stderr, flush=True)
+            if self.config.log_format == "json":  # nothing but JSON: the summary is one record
+                log.info("run summary", extra={"summary": self.summary.to_dict()})
+            else:
+                print(self.summary.render(), file=sys.stderr, flush=True)
         return code
 
     async def _run(self) -> int:
@@ -414,6 +461,8 @@ class Worker:
 
     def _start_stages(self, supervisor: Supervisor) -> _Stages:
         supervisor.background("health.heartbeat", lambda: self.health.heartbeat(on_lag=self.metrics.loop_lag))
+        if self.progress is not None:
+            supervisor.background("progress", self.progress.run)
         control = None
         if self.control is not None:
             control = supervisor.restartable(
@@ -560,11 +609,16 @@ class _StopSignals:
             log.info("stop requested while starting: the worker stops once it has started")
 
 
-async def run_worker(config: PipelineConfig, *, models_dir: Path | None = None) -> int:
-    """Build and run one pipeline in the current event loop with signal handling; the exit code."""
+async def run_worker(
+    config: PipelineConfig, *, models_dir: Path | None = None, progress: TextIO | None = None
+) -> int:
+    """Build and run one pipeline in the current event loop with signal handling; the exit code.
+
+    ``progress``: a terminal for the progress line of sources of known length (None: no line).
+    """
     with _StopSignals() as signals:
         try:
-            worker = await Worker.create(config, models_dir=models_dir)
+            worker = await Worker.create(config, models_dir=models_dir, progress=progress)
         except SegstreamError as exc:
             log.error("%s", _one_line(exc))
             return EXIT_FAILED
@@ -604,7 +658,8 @@ def run_pipeline_file(
     broker_password = config.broker.resolved_password() if config.broker else None
     secrets = [p for p in [broker_password, preview_token] if p]
     configure_logging(config.log_level, config.log_format, secrets=secrets)
-    return asyncio.run(run_worker(config, models_dir=models_dir))
+    progress = progress_stream(config.log_format, sys.stderr)
+    return asyncio.run(run_worker(config, models_dir=models_dir, progress=progress))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -86,6 +87,15 @@ async def test_the_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.Captu
     assert [x["frame_number"] for x in lines] == list(range(CLIP_FRAMES))
     assert {x["model_id"] for x in lines} == {"factory-parts/1"}
     assert all(x["outputs"]["model_id"] == "factory-parts/1" for x in lines)
+
+    # the per-class detections counter adds up to the published predictions, class by class
+    published = Counter(p["class"] for x in lines for p in x["outputs"]["predictions"]["predictions"])
+    counted = {
+        labels["class"]: value
+        for name, labels, value in final
+        if name == "segstream_detections_total" and labels.get("source") == "belt"
+    }
+    assert published and counted == {name: float(n) for name, n in published.items()}, (counted, published)
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
         gt = COCO(str(ASSETS / "demo_clip_coco.json"))

@@ -891,6 +891,8 @@ def _exported_metric_names() -> set[str]:
         m.error("decode_error")
     m.e2e_latency("cam1", 0.1)
     m.batch_done(1, 0.01, 0.01)
+    if hasattr(m, "detections"):  # a labelled counter: its series appear on first use
+        m.detections("cam1", "bolt")
     text = m.render()[0].decode()
     names = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")

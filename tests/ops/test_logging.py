@@ -94,3 +94,12 @@ def test_reconfiguring_replaces_the_handler(restore_root: None) -> None:
 def test_unknown_format_is_rejected() -> None:
     with pytest.raises(ValueError, match="log format"):
         configure_logging(fmt="xml")  # type: ignore[arg-type]
+
+
+def test_structured_extra_fields_stay_structured_and_redacted(restore_root: None) -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", secrets=["hunter22"], stream=out)
+    summary = {"frames": 3, "errors": {"decode_error": 1}, "paths": ["mqtt://u:hunter22@b", "x"]}
+    logging.getLogger("worker.runtime").info("run summary", extra={"summary": summary})
+    (record,) = (json.loads(line) for line in out.getvalue().splitlines())
+    assert record["summary"] == {"frames": 3, "errors": {"decode_error": 1}, "paths": ["mqtt://u:***@b", "x"]}

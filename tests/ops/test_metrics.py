@@ -47,6 +47,7 @@ REQUIRED = {
     "segstream_published_messages": ("counter", {"kind"}),
     "segstream_publish_errors": ("counter", {"reason"}),
     "segstream_errors": ("counter", {"reason"}),
+    "segstream_detections": ("counter", {"source", "class"}),
 }
 REASONED = {
     "segstream_frames_dropped_total": DROP_REASONS,
@@ -232,6 +233,21 @@ def test_label_values_are_bounded() -> None:
     assert total == 50  # nothing lost, only folded
 
 
+def test_detections_are_counted_per_source_and_class_with_bounded_labels() -> None:
+    metrics = Metrics("p", sources=["cam1"], max_label_values=4)
+    metrics.detections("cam1", "bolt", 3)
+    metrics.detections("cam1", "bolt")
+    metrics.detections("cam1", "nut", 0)  # nothing to count: no series
+    for i in range(20):  # a bug that labels by instance must not grow the series count
+        metrics.detections("cam1", f"class-{i}", 2)
+    families = _families(metrics.render()[0].decode())
+    samples = [s for s in families["segstream_detections"].samples if s.name.endswith("_total")]  # type: ignore[attr-defined]
+    by_class = {s.labels["class"]: s.value for s in samples if s.labels["source"] == "cam1"}
+    assert by_class["bolt"] == 4 and "nut" not in by_class
+    assert len(by_class) == 4 and "other" in by_class
+    assert sum(by_class.values()) == 4 + 20 * 2  # nothing lost, only folded
+
+
 def test_registries_are_independent() -> None:
     a, b = Metrics("a"), Metrics("b")
     a.frame_received("cam1")
@@ -267,6 +283,7 @@ def test_the_metric_table_is_what_the_registry_exports() -> None:
     m.reconnect("broker")
     m.published("result")
     m.publish_error("timeout")
+    m.detections("cam1", "bolt")
     kinds = {
         f.name: (f.type, {k for s in f.samples if not s.name.endswith("_created") for k in s.labels} - {"le"})
         for f in m.registry.collect()

@@ -135,6 +135,10 @@ METRICS: tuple[MetricSpec, ...] = (
         reasons=LOSS_REASONS,
     ),
     MetricSpec(
+        "segstream_detections", "counter", ("source", "class"),
+        "Detections in the published results, by source and class (the model's class names).",
+    ),
+    MetricSpec(
         "segstream_batch_size", "histogram", (), "Frames per model batch.", buckets=BATCH_SIZE_BUCKETS
     ),
     MetricSpec(
@@ -329,6 +333,8 @@ class Metrics:
         self._reconnects: _Children[Any] = self._children("segstream_reconnects")
         self._published: _Children[Any] = self._children("segstream_published_messages")
         self._publish_errors: _Children[Any] = self._children("segstream_publish_errors")
+        self._detections: dict[tuple[str, str], Any] = {}  # (source, class) as called → child
+        self._detection_classes: dict[str, set[str]] = {}  # exported source → class labels bound
         errors = c["segstream_errors"]
         self._errors = _Reasons("segstream_errors", errors.labels, ERROR_REASONS)
         for source in sources:
@@ -450,6 +456,34 @@ class Metrics:
         self._errors.inc(reason, 1)
 
     # -- beyond Telemetry ----------------------------------------------------------------------------
+
+    def detections(self, source: str, class_name: str, count: int = 1) -> None:
+        """``count`` published detections of ``class_name`` in a result of ``source``.
+
+        Both labels are bounded: sources through the per-source cap, and past ``max_label_values``
+        distinct class names (a model's classes, so only a bug gets there) a class counts as ``"other"``.
+        """
+        if count <= 0:
+            return
+        key = (source, class_name)
+        child = self._detections.get(key)
+        if child is None:
+            child = self._detection_child(key)
+        child.inc(count)
+
+    def _detection_child(self, key: tuple[str, str]) -> Any:
+        self._source(key[0])  # the source's own cap decides whether it is itself or "other"
+        with self._sources_lock:
+            source = key[0] if key[0] in self._sources else OTHER
+        with self._lock:
+            child = self._detections.get(key)
+            if child is None:
+                classes = self._detection_classes.setdefault(source, set())
+                name = key[1] if key[1] in classes or len(classes) < self._limit - 1 else OTHER
+                classes.add(name)
+                child = self._c["segstream_detections"].labels(source, name)
+                self._detections[key] = child
+        return child
 
     def model_loaded(
         self, model_id: str, backend: str, precision: str, requested: Sequence[str], used: Sequence[str]

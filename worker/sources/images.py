@@ -66,6 +66,8 @@ class ImageFolderSource:
         self.pipeline = pipeline
         self._reader: ReaderThread | None = None
         self._frame_number = 0
+        #: frames this source will deliver where known (the files of a folder read once), else None
+        self.expected_frames: int | None = None
 
     @property
     def source_id(self) -> str:
@@ -104,6 +106,16 @@ class ImageFolderSource:
             if not files:
                 ctx.report("source_unavailable", f"no image matches {cfg.pattern!r} in {cfg.path}")
                 return
+            if self._frame_number == 0:  # the first pass: one line
+                log.info(
+                    "source %s: opened %s (%d files matching %r%s)",
+                    self.source_id,
+                    cfg.path,
+                    len(files),
+                    cfg.pattern,
+                    ", looping" if cfg.loop else "",
+                )
+                self.expected_frames = None if cfg.loop else len(files)
             for path in files:
                 if interval and ctx.wait(next_due - time.monotonic()):
                     return

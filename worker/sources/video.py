@@ -135,6 +135,12 @@ class VideoSource:
         self.on_error = on_error
         self.pipeline = pipeline
         self._frame_number = 0
+        #: frames this source will deliver where known (a file read once, from its container), else None
+        self.expected_frames: int | None = None
+        # state-change log lines (kept across reader threads: a watchdog restart is a reconnect too)
+        self._up = False  # "connected" / "reconnected" logged, no outage reported since
+        self._ever_up = False
+        self._down_since = 0.0  # monotonic, when the outage began
         self._stop_requested = asyncio.Event()
         self._abandoned: list[ReaderThread] = []
 
@@ -172,6 +178,8 @@ class VideoSource:
                     "source_stalled",
                     f"reader stuck in a capture call for over {self.config.watchdog_s}s; restarting it",
                 )
+                if self._up:
+                    self._up, self._down_since = False, time.monotonic()
                 self.telemetry.reconnect(f"source:{self.source_id}")
         finally:
             if reader is not None and not reader.finished.done():
@@ -232,6 +240,7 @@ class VideoSource:
             if cap is None:
                 outcome = "unavailable"
             else:
+                self._announce(cap)
                 self.telemetry.source_connected(self.source_id, True)
                 try:
                     outcome, frames = self._read_pass(ctx, cap)
@@ -258,9 +267,34 @@ class VideoSource:
                 }[outcome]
                 ctx.report("source_unavailable", f"{what} {self._safe_url()}; retrying with backoff")
                 outage_reported = True
+                if self._up or not self._ever_up:
+                    self._down_since = time.monotonic()
+                self._up = False
             self.telemetry.reconnect(f"source:{self.source_id}")
             if ctx.wait(backoff.next_delay()) or ctx.wait(backoff.pace()):  # pace: the attempt-rate floor
                 return
+
+    def _announce(self, cap: cv2.VideoCapture) -> None:
+        """One log line when the source comes up: the first time, and again after each outage."""
+        if self._up:
+            return  # a looping file reopened at its end, not a state change
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        what = f"{width}x{height}, {fps:.1f} fps" if 0 < fps <= 1000 else f"{width}x{height}"
+        if not self.config.is_live:
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if count > 0:
+                what += f", {count} frames"
+                if not self.config.loop and self.expected_frames is None:
+                    self.expected_frames = count
+        if self._ever_up:
+            down = time.monotonic() - self._down_since
+            log.info(
+                "source %s: reconnected to %s after %.1f s (%s)", self.source_id, self._safe_url(), down, what
+            )
+        else:
+            log.info("source %s: connected to %s (%s)", self.source_id, self._safe_url(), what)
+        self._up = self._ever_up = True
 
     def _read_pass(self, ctx: ReaderContext, cap: cv2.VideoCapture) -> tuple[str, int]:
         """Read until the stream fails, the file ends, or the reader must stop.
