@@ -795,43 +795,8 @@ class MqttSource:
         """
         cfg = self.config
         if cfg.shared_group:
-            log.info("source %s: stopping: unsubscribing from %s, draining", self.source_id, cfg.subscription)
-            unsubscribe = asyncio.ensure_future(client.unsubscribe(cfg.subscription))
-            acked: asyncio.Future[Any] | None = None
-            try:
-                while True:
-                    waitables: set[asyncio.Future[Any]] = {get}
-                    quiet: float | None = None
-                    if not unsubscribe.done():
-                        waitables.add(unsubscribe)
-                    else:
-                        unsubscribe.result()  # MqttError: the connection is gone; its frames come back
-                        if any(ack.client is client for ack in self._pending):
-                            if acked is None or acked.done():
-                                self._acked.clear()
-                                acked = asyncio.ensure_future(self._acked.wait())
-                            waitables.add(acked)
-                        else:
-                            # messages the session had queued for us keep coming as acks free the
-                            # broker's in-flight window: leave once none came for a while
-                            quiet = _QUIET_S
-                    done, _ = await asyncio.wait(
-                        waitables, timeout=quiet, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if get in done:
-                        if not await self._handle(client, get.result(), queue):
-                            return "closed"
-                        get = asyncio.ensure_future(anext(client.messages))
-                        if reader.paused and len(client.messages) < cfg.receive_maximum:
-                            reader.resume()  # the UNSUBACK must be read too
-                    elif not done:
-                        break
-            finally:
-                if not unsubscribe.done():
-                    unsubscribe.cancel()
-                if acked is not None:
-                    acked.cancel()
-            get.cancel()
+            if not await self._drain_shared(client, queue, get, reader):
+                return "closed"
         elif get.done() and not get.cancelled() and get.exception() is None:
             # taken from the queue just before the stop: handled like the others
             if not await self._handle(client, get.result(), queue):
@@ -847,6 +812,61 @@ class MqttSource:
                 self.client_id,
             )
         return "closed"
+
+    async def _drain_shared(
+        self,
+        client: aiomqtt.Client,
+        queue: FrameQueue,
+        get: asyncio.Future[Any],
+        reader: _ReadPause,
+    ) -> bool:
+        """A shared-group member's stop (see ``_leave``): unsubscribe, handle what was already sent,
+        until none came for a while; False if the queue was closed."""
+        cfg = self.config
+        log.info("source %s: stopping: unsubscribing from %s, draining", self.source_id, cfg.subscription)
+        unsubscribe = asyncio.ensure_future(client.unsubscribe(cfg.subscription))
+        acked: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                waitables: set[asyncio.Future[Any]] = {get}
+                quiet: float | None = None
+                if not unsubscribe.done():
+                    waitables.add(unsubscribe)
+                else:
+                    unsubscribe.result()  # MqttError: the connection is gone; its frames come back
+                    acked, quiet = self._drain_wait(client, acked)
+                    if quiet is None and acked is not None:  # frames still unanswered: wait for acks
+                        waitables.add(acked)
+                done, _ = await asyncio.wait(waitables, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    if not await self._handle(client, get.result(), queue):
+                        return False
+                    get = asyncio.ensure_future(anext(client.messages))
+                    if reader.paused and len(client.messages) < cfg.receive_maximum:
+                        reader.resume()  # the UNSUBACK must be read too
+                elif not done:
+                    break
+        finally:
+            if not unsubscribe.done():
+                unsubscribe.cancel()
+            if acked is not None:
+                acked.cancel()
+        get.cancel()
+        return True
+
+    def _drain_wait(
+        self, client: aiomqtt.Client, acked: asyncio.Future[Any] | None
+    ) -> tuple[asyncio.Future[Any] | None, float | None]:
+        """What a draining shared-group member waits on once unsubscribed: ``(acked, None)`` while its
+        frames are unanswered (``acked`` fires on the next ack), else ``(acked, quiet period)``."""
+        if any(ack.client is client for ack in self._pending):
+            if acked is None or acked.done():
+                self._acked.clear()
+                acked = asyncio.ensure_future(self._acked.wait())
+            return acked, None
+        # messages the session had queued for us keep coming as acks free the broker's in-flight
+        # window: leave once none came for a while
+        return acked, _QUIET_S
 
     async def _wait_delivered(self, client: aiomqtt.Client) -> None:
         """Until every frame taken on ``client`` had its outcome delivered and acknowledged (at most
@@ -924,50 +944,28 @@ class MqttSource:
         label = station or self.source_id
         self.telemetry.frame_received(label)
         try:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                payload = str(payload).encode() if payload is not None else b""
+            payload = _payload_of(message)
             key = self._recent.key(message, payload)
-            limit = self.config.max_payload_bytes
-            oversize = len(payload) > limit
-            recent = self._recent.candidate(key)
-            if recent is not None:
-                digest = _UNREAD if oversize else await pool.run(_digest, bytes(payload))
-                if digest == recent[0]:
-                    # a redelivery of a message this source already queued (or answered)
-                    self.telemetry.frame_dropped(label, "mqtt_duplicate")
-                    log.debug("source %s: message %d resent, already queued; skipped", label, message.mid)
-                    earlier = recent[1]
-                    if earlier is None or earlier.delivered:
-                        self._ack_now(client, message)
-                    else:  # still on its way: its ack goes to this connection when it is delivered
-                        earlier.retarget(client, message.mid)
-                    return True
-            if station is None:
-                self._report(
-                    FrameDecodeError(refusal, reason=UNKNOWN_STATION), number, topic, label, client, message
-                )
-                self._recent.add(key, _UNREAD, None)
+            oversize = len(payload) > self.config.max_payload_bytes
+            if await self._skip_resent(client, message, payload, key, oversize, label, pool):
                 return True
-            if oversize:  # refused before it is copied to a thread or hashed
-                ack = self._report(
-                    FrameDecodeError(
-                        f"payload of {len(payload)} bytes exceeds max_payload_bytes={limit}",
-                        reason="oversize",
-                    ),
+            if station is None or oversize:
+                self._refuse(
+                    refusal if station is None else None,
+                    len(payload),
                     number,
                     topic,
                     label,
                     client,
                     message,
+                    key,
                 )
-                self._recent.add(key, _UNREAD, ack)
                 return True
             await budget.admit(self.config.max_decoded_bytes, pool)
             decoded = await pool.run(
                 _decode,
                 bytes(payload),
-                limit,
+                self.config.max_payload_bytes,
                 self.config.max_image_pixels,
                 self.config.max_decoded_bytes,
             )
@@ -976,20 +974,9 @@ class MqttSource:
                 ack = self._report(error, number, topic, label, client, message, decoded.digest)
                 self._recent.add(key, decoded.digest, ack)
                 return True
-            parsed = decoded.parsed
             digest = decoded.digest
             ack = self._new_ack(client, message)
-            frame = Frame(
-                source_id=station,
-                frame_number=number,
-                timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
-                image=decoded.image,
-                frame_id=parsed.frame_id or "",
-                parameters=self._parameters(station, parsed.parameters),
-                topic=topic,
-                idempotency_key=_idempotency_key(station, parsed.frame_id, digest),
-                ack=ack,
-            )
+            frame = self._frame(station, number, topic, decoded.parsed, decoded.image, digest, ack)
             budget.hold(decoded.image)
             del decoded
         except Exception as exc:  # a bug on one message must not stop the source (see the module doc)
@@ -1004,6 +991,86 @@ class MqttSource:
             return False
         self._recent.add(key, digest, ack)
         return True
+
+    async def _skip_resent(
+        self,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+        payload: bytes | bytearray,
+        key: tuple[int, int] | None,
+        oversize: bool,
+        label: str,
+        pool: BlockingPool,
+    ) -> bool:
+        """True (and acknowledged, or its ack retargeted) if ``message`` is a redelivery of a message
+        this source already queued (or answered)."""
+        recent = self._recent.candidate(key)
+        if recent is None:
+            return False
+        digest = _UNREAD if oversize else await pool.run(_digest, bytes(payload))
+        if digest != recent[0]:
+            return False
+        self.telemetry.frame_dropped(label, "mqtt_duplicate")
+        log.debug("source %s: message %d resent, already queued; skipped", label, message.mid)
+        earlier = recent[1]
+        if earlier is None or earlier.delivered:
+            self._ack_now(client, message)
+        else:  # still on its way: its ack goes to this connection when it is delivered
+            earlier.retarget(client, message.mid)
+        return True
+
+    def _refuse(
+        self,
+        refusal: str | None,
+        size: int,
+        number: int,
+        topic: str,
+        label: str,
+        client: aiomqtt.Client,
+        message: aiomqtt.Message,
+        key: tuple[int, int] | None,
+    ) -> None:
+        """Report a message refused unread: its topic gives no station (``refusal``), or (None) it
+        is oversize (refused before it is copied to a thread or hashed)."""
+        if refusal is not None:
+            self._report(
+                FrameDecodeError(refusal, reason=UNKNOWN_STATION), number, topic, label, client, message
+            )
+            self._recent.add(key, _UNREAD, None)
+            return
+        limit = self.config.max_payload_bytes
+        ack = self._report(
+            FrameDecodeError(f"payload of {size} bytes exceeds max_payload_bytes={limit}", reason="oversize"),
+            number,
+            topic,
+            label,
+            client,
+            message,
+        )
+        self._recent.add(key, _UNREAD, ack)
+
+    def _frame(
+        self,
+        station: str,
+        number: int,
+        topic: str,
+        parsed: FramePayload,
+        image: Any,
+        digest: bytes,
+        ack: _Ack | None,
+    ) -> Frame:
+        """The queued frame of a decoded message."""
+        return Frame(
+            source_id=station,
+            frame_number=number,
+            timestamp=parsed.timestamp if parsed.timestamp is not None else time.time(),
+            image=image,
+            frame_id=parsed.frame_id or "",
+            parameters=self._parameters(station, parsed.parameters),
+            topic=topic,
+            idempotency_key=_idempotency_key(station, parsed.frame_id, digest),
+            ack=ack,
+        )
 
     def _parameters(self, station: str, own: dict[str, Any]) -> dict[str, Any]:
         """The frame's parameters: its own over its station's inputs (``worker.stations``)."""
@@ -1120,6 +1187,14 @@ class MqttSource:
         if ack is not None:
             ack()
         return ack
+
+
+def _payload_of(message: aiomqtt.Message) -> bytes | bytearray:
+    """The message payload as bytes (aiomqtt may hand back other types)."""
+    payload = message.payload
+    if isinstance(payload, bytes | bytearray):
+        return payload
+    return str(payload).encode() if payload is not None else b""
 
 
 def _idempotency_key(source: str, frame_id: str | None, digest: bytes | None) -> str | None:
