@@ -51,6 +51,7 @@ __all__ = [
     "RemoteMetrics",
     "RemoteResponse",
     "RemoteTimeoutError",
+    "ServerBackend",
     "ServerUnavailableError",
 ]
 
@@ -453,3 +454,31 @@ def bind_client(client: RemoteClient, registry: object, on_available: object = N
         client.use_metrics(registry)
     if callable(on_available):
         client.add_listener(on_available)
+
+
+class ServerBackend:
+    """What every remote backend exposes about its server: the client, availability, metrics.
+
+    Subclasses set ``_client`` and ``_closed`` in ``__init__``.
+    """
+
+    _client: RemoteClient
+    _closed: bool
+
+    @property
+    def client(self) -> RemoteClient:
+        """The server's HTTP client (breaker state, listeners, metrics)."""
+        return self._client
+
+    @property
+    def closed(self) -> bool:
+        """Whether the backend was closed."""
+        return self._closed
+
+    def wait_available(self, timeout: float) -> bool:
+        """Block until the server's breaker is closed (True), or ``timeout`` / close (False)."""
+        return self._client.wait_available(timeout)
+
+    def bind(self, registry: object, on_available: object = None) -> None:
+        """Report into the worker's metrics registry; call ``on_available(bool)`` on changes."""
+        bind_client(self._client, registry, on_available)

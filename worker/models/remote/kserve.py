@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from worker.errors import ModelError
 from worker.models.backend import BackendInfo, LetterboxedBackend
 from worker.models.package import load_model_metadata
-from worker.models.remote.client import RemoteClient, RemoteError, bind_client
+from worker.models.remote.client import RemoteClient, RemoteError, ServerBackend
 from worker.models.remote.config import RemoteModelConfig
 from worker.models.signature import Dim, ModelSignature, check_layout
 
@@ -125,7 +125,7 @@ def decode_infer_response(body: bytes, headers: Mapping[str, str]) -> dict[str, 
         raise ModelError(f"malformed KServe v2 inference response: {exc}") from None
 
 
-class KServeV2Backend(LetterboxedBackend):
+class KServeV2Backend(ServerBackend, LetterboxedBackend):
     """A :class:`~worker.models.backend.SegmentationBackend` whose engine is a KServe v2 server.
 
     Args:
@@ -165,24 +165,6 @@ class KServeV2Backend(LetterboxedBackend):
             weights=f"{self._model_path} ({self._platform or 'server'})",
             details={"max_concurrency": config.max_concurrency, "timeout_s": config.timeout_s},
         )
-
-    @property
-    def client(self) -> RemoteClient:
-        """The server's HTTP client (breaker state, listeners, metrics)."""
-        return self._client
-
-    @property
-    def closed(self) -> bool:
-        """Whether the backend was closed."""
-        return self._closed
-
-    def wait_available(self, timeout: float) -> bool:
-        """Block until the server's breaker is closed (True), or ``timeout`` / close (False)."""
-        return self._client.wait_available(timeout)
-
-    def bind(self, registry: object, on_available: object = None) -> None:
-        """Report into the worker's metrics registry; call ``on_available(bool)`` on changes."""
-        bind_client(self._client, registry, on_available)
 
     @property
     def info(self) -> BackendInfo:

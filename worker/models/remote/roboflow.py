@@ -40,7 +40,7 @@ import numpy as np
 from worker.errors import ModelError, SegstreamError
 from worker.models.backend import BackendInfo
 from worker.models.package import load_model_metadata
-from worker.models.remote.client import RemoteClient, RemoteError, bind_client
+from worker.models.remote.client import RemoteClient, RemoteError, ServerBackend
 from worker.models.remote.config import RemoteModelConfig
 from worker.step.detections import Detections, MaskCrops
 from worker.step.parameters import ResolvedStepParameters
@@ -133,7 +133,7 @@ def _crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     return np.ascontiguousarray(mask[y0:y1, x0:x1]), (x0, y0)
 
 
-class RoboflowBackend:
+class RoboflowBackend(ServerBackend):
     """A ``RemoteStepBackend`` on a Roboflow inference server.
 
     Args:
@@ -181,24 +181,6 @@ class RoboflowBackend:
     def info(self) -> BackendInfo:
         """Protocol, server, model id."""
         return self._info
-
-    @property
-    def client(self) -> RemoteClient:
-        """The server's HTTP client."""
-        return self._client
-
-    @property
-    def closed(self) -> bool:
-        """Whether the backend was closed."""
-        return self._closed
-
-    def wait_available(self, timeout: float) -> bool:
-        """Block until the server's breaker is closed (True), or ``timeout`` / close (False)."""
-        return self._client.wait_available(timeout)
-
-    def bind(self, registry: object, on_available: object = None) -> None:
-        """Report into the worker's metrics registry; call ``on_available(bool)`` on changes."""
-        bind_client(self._client, registry, on_available)
 
     def detect(
         self, images: Sequence[np.ndarray], params: ResolvedStepParameters
