@@ -249,15 +249,12 @@ class HttpSink(SinkContextMixin):
                 await asyncio.wait({runner}, timeout=0.2)
             if not runner.cancelled():
                 runner.exception()  # retrieved: _run_guarded logged it
-        left = self.outbox.take_all()
-        self.undelivered = len(left)
-        if left:
-            for source, count in Outbox.count_by_source(left).items():
-                self.telemetry.result_lost(source, "shutdown_undelivered", count)
+        self.undelivered = self.outbox.discard_undelivered()
+        if self.undelivered:
             log.warning(
                 "sink[%s]: closed with %d messages not delivered to %s",
                 self.name,
-                len(left),
+                self.undelivered,
                 describe_url(self.config.url),
             )
         return self.undelivered

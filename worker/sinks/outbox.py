@@ -116,6 +116,10 @@ class Outbox:
         self.changed.set()
         return messages
 
-    @staticmethod
-    def count_by_source(messages: list[OutgoingMessage]) -> Counter[str]:
-        return Counter(message.source for message in messages)
+    def discard_undelivered(self) -> int:
+        """At a sink's close: empty the outbox, count each message as ``result_lost(source,
+        "shutdown_undelivered")``; how many there were."""
+        left = self.take_all()
+        for source, count in Counter(message.source for message in left).items():
+            self._telemetry.result_lost(source, "shutdown_undelivered", count)
+        return len(left)
