@@ -356,6 +356,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         evaluation=args.evaluation,
         max_drop=args.max_drop,
         keep_float=args.keep_float,
+        preset=args.preset,
         calibration_frames=args.calibration_frames,
         eval_frames=args.eval_frames,
         threads=args.threads,
@@ -475,6 +476,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "none"),
         default="auto",
         help="auto: the convolutions producing the outputs stay float; none: quantize everything",
+    )
+    quantize.add_argument(
+        "--preset",
+        choices=("performance", "mixed"),
+        default="performance",
+        help="NNCF preset: performance (symmetric activations, the fast INT8 kernels) or mixed",
     )
     quantize.add_argument("--calibration-frames", type=int, default=100, help="at most this many frames")
     quantize.add_argument(

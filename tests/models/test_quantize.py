@@ -52,7 +52,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--ground-truth",
             str(GT),
             "--calibration-frames",
-            "12",
+            "24",
             "--eval-frames",
             str(EVAL_FRAMES),
             "--threads",
@@ -74,7 +74,7 @@ def test_the_package_loads_and_says_how_it_was_made(quantized: Path) -> None:
     assert model.info.precision == "int8" and model.class_names == ("nut", "washer", "bolt", "bracket")
     record = load_model_metadata(folder).quantization
     assert record is not None
-    assert record["source_model"] == "factory-parts/1" and record["calibration"]["frames"] == 12
+    assert record["source_model"] == "factory-parts/1" and record["calibration"]["frames"] == 24
     # the head's output convolutions and the last prototype convolution stayed float
     assert sorted(record["kept_float"]) == sorted(
         float_output_layers(ov.Core().read_model(str(DEMO / "weights.onnx")))
@@ -82,6 +82,33 @@ def test_the_package_loads_and_says_how_it_was_made(quantized: Path) -> None:
     assert any("proto_out" in name for name in record["kept_float"])
     assert sum("/out/Conv" in name for name in record["kept_float"]) == 9
     assert record["weights_bytes"] == (folder / "weights.bin").stat().st_size
+    assert record["preset"] == "performance" and "PERFORMANCE preset" in record["method"]
+
+
+@pytest.mark.parametrize("folder", ["quantized", "shipped"])
+def test_no_quantizer_sits_between_a_convolution_and_its_activation(
+    folder: str, quantized: Path
+) -> None:
+    """The recipe that lets OpenVINO fuse conv + SiLU + requantization (quantize.py, point 3).
+
+    A FakeQuantize feeding a Sigmoid / Multiply / Add / Subtract splits the fused INT8 kernel: the
+    shipped package is checked too, so a package made with the old recipe cannot be shipped again.
+    """
+    root = quantized if folder == "quantized" else BUNDLED_MODELS_DIR
+    model = ov.Core().read_model(str(root / "factory-parts" / "1-int8" / "weights.xml"))
+    ops = model.get_ordered_ops()
+    fake_quantizes = [op for op in ops if op.get_type_name() == "FakeQuantize"]
+    assert len(fake_quantizes) > 40  # the convolutions' inputs are quantized
+    feeding = {
+        target.get_node().get_type_name()
+        for op in fake_quantizes
+        for output in op.outputs()
+        for target in output.get_target_inputs()
+    }
+    assert feeding.isdisjoint({"Sigmoid", "Multiply", "Add", "Subtract"}), feeding
+    # symmetric activations (PERFORMANCE): a SiLU output's quantizer spans negative values
+    lows = [float(np.min(op.input_value(1).get_node().get_data())) for op in fake_quantizes]
+    assert min(lows) < 0
 
 
 def test_recorded_accuracy_is_what_the_package_measures(quantized: Path) -> None:

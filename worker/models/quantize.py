@@ -11,8 +11,15 @@ package with NNCF's post-training static quantization of the OpenVINO model:
    prototype convolution). Those layers carry pixel boxes, [0, 1] scores and mask logits side by
    side; giving them INT8 activations is what makes naive INT8 YOLO-seg models detect nothing.
    ``keep_float="none"`` quantizes everything (to see the difference; usually refused).
-3. NNCF ``quantize`` with the ``MIXED`` preset (symmetric weights, asymmetric activations: SiLU
-   outputs are not centred), then ``openvino.save_model`` writes ``weights.xml`` / ``weights.bin``
+3. **What runs in INT8 and how**: NNCF ``quantize`` with the ``PERFORMANCE`` preset by default
+   (symmetric weights and activations), the inputs of elementwise operations (``Multiply``,
+   ``Sigmoid``, ``Subtract``, ``Add``: the SiLU activations, the residual sums) left unquantized.
+   On OpenVINO's CPU plugin that is what lets a convolution, its SiLU and the next layer's
+   quantization run as one fused INT8 kernel: quantizing the elementwise inputs puts a
+   FakeQuantize between each convolution and its SiLU (74 unfused subgraphs on the bundled
+   model), and asymmetric activations (``--preset mixed``) need the slower zero-point kernels;
+   with either, the INT8 model was no faster than BF16 on an AMX CPU (see ``benchmarks/backends``).
+   Then ``openvino.save_model`` writes ``weights.xml`` / ``weights.bin``
    (INT8 weights) next to a copy of the float package's ``metadata.json`` with a ``quantization``
    section.
 4. **Accuracy**, measured through the worker's own backend and post-processing: with ground truth
@@ -72,7 +79,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KeepFloat = Literal["auto", "none"]
+Preset = Literal["performance", "mixed"]
 _CONV_TYPES = ("Convolution", "GroupConvolution")
+#: operation types whose inputs stay float (see the module docstring, point 3)
+_FLOAT_INPUT_TYPES = ("Multiply", "Sigmoid", "Subtract", "Add")
 
 
 class QuantizationRefused(ModelError):
@@ -199,6 +209,7 @@ def quantize_package(
     evaluation: Path | None = None,
     max_drop: float = 0.01,
     keep_float: KeepFloat = "auto",
+    preset: Preset = "performance",
     calibration_frames: int = 100,
     eval_frames: int | None = None,
     threads: int = 0,
@@ -215,6 +226,7 @@ def quantize_package(
         evaluation: the video or image folder accuracy is measured on (default: ``calibration``).
         max_drop: the largest segm mAP50 drop accepted.
         keep_float: ``auto`` (output convolutions stay float) or ``none``.
+        preset: NNCF's ``performance`` (symmetric activations) or ``mixed`` (asymmetric) preset.
         calibration_frames: at most this many calibration frames (spread over the source).
         eval_frames: measure on the first this many ground-truth images (or frames); None: all.
         threads: engine threads for the measurement (0: default).
@@ -247,12 +259,16 @@ def quantize_package(
     core = ov.Core()
     model = core.read_model(str(onnx_path))
     kept_float = float_output_layers(model) if keep_float == "auto" else []
-    scope = nncf.IgnoredScope(names=kept_float) if kept_float else nncf.IgnoredScope()
-    log.info("quantizing %s on %d frames; kept float: %s", source_id, len(tensors), kept_float)
+    # validate=False: a model without one of these types (e.g. no residual Add) is not an error
+    scope = nncf.IgnoredScope(names=kept_float, types=list(_FLOAT_INPUT_TYPES), validate=False)
+    log.info(
+        "quantizing %s on %d frames (%s preset); kept float: %s", source_id, len(tensors), preset, kept_float
+    )
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     quantized = nncf.quantize(
         model,
         nncf.Dataset(tensors),
-        preset=nncf.QuantizationPreset.MIXED,
+        preset=presets[preset],
         subset_size=len(tensors),
         ignored_scope=scope,
     )
@@ -297,12 +313,16 @@ def quantize_package(
             )
         record = {
             "made_by": "segstream quantize",
-            "method": "NNCF post-training static quantization of the OpenVINO model (INT8, MIXED preset)",
+            "method": (
+                f"NNCF post-training static quantization of the OpenVINO model (INT8, {preset.upper()} "
+                f"preset, inputs of {', '.join(_FLOAT_INPUT_TYPES)} kept float)"
+            ),
             "source_model": source_id,
             "source_weights_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
             "calibration": calib_record,
             "kept_float": kept_float,
             "keep_float": keep_float,
+            "preset": preset,
             "max_drop": max_drop,
             "accuracy": accuracy,
             "nncf": nncf.__version__,
