@@ -86,9 +86,7 @@ def test_the_package_loads_and_says_how_it_was_made(quantized: Path) -> None:
 
 
 @pytest.mark.parametrize("folder", ["quantized", "shipped"])
-def test_no_quantizer_sits_between_a_convolution_and_its_activation(
-    folder: str, quantized: Path
-) -> None:
+def test_no_quantizer_sits_between_a_convolution_and_its_activation(folder: str, quantized: Path) -> None:
     """The recipe that lets OpenVINO fuse conv + SiLU + requantization (quantize.py, point 3).
 
     A FakeQuantize feeding a Sigmoid / Multiply / Add / Subtract splits the fused INT8 kernel: the
