@@ -7,6 +7,7 @@ from worker.sinks.lines import JsonlSink, JsonlSinkConfig, StdoutSink, StdoutSin
 from worker.sinks.memory import MemorySink
 from worker.sinks.mqtt import MqttSink, MqttSinkConfig
 from worker.sinks.outbox import Outbox, OutgoingMessage
+from worker.sinks.outbox_sink import OutboxSink
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT_S",
@@ -20,6 +21,7 @@ __all__ = [
     "MqttSink",
     "MqttSinkConfig",
     "Outbox",
+    "OutboxSink",
     "OutgoingMessage",
     "Sink",
     "SinkConfig",

@@ -50,8 +50,8 @@ from worker.errors import SinkError
 from worker.messages import ErrorReport, FrameResult
 from worker.mqtt import TlsConfig
 from worker.retry import Backoff
-from worker.sinks.base import DEFAULT_CLOSE_TIMEOUT_S, SinkContextMixin
-from worker.sinks.outbox import Outbox, OutgoingMessage
+from worker.sinks.outbox import OutgoingMessage
+from worker.sinks.outbox_sink import OutboxSink
 from worker.telemetry import NullTelemetry, Telemetry
 
 __all__ = ["HttpAuthConfig", "HttpSink", "HttpSinkConfig"]
@@ -165,7 +165,7 @@ class _Round:
         self.problem = ""
 
 
-class HttpSink(SinkContextMixin):
+class HttpSink(OutboxSink):
     """POST results and error reports to a webhook (see the module docstring for the guarantees).
 
     Args:
@@ -175,33 +175,26 @@ class HttpSink(SinkContextMixin):
     """
 
     def __init__(self, config: HttpSinkConfig, *, pipeline: str, telemetry: Telemetry | None = None) -> None:
+        super().__init__(
+            name=config.name,
+            telemetry=telemetry or NullTelemetry(),
+            outbox_size=config.outbox_size,
+            max_payload_bytes=config.max_payload_bytes,
+            runner_role="sender",
+        )
         self.config = config
-        self.name = config.name
         self.pipeline = pipeline
-        self.telemetry: Telemetry = telemetry or NullTelemetry()
-        self.outbox = Outbox(config.outbox_size, self.telemetry, name=config.name)
         self._error_url = config.error_url or config.url
         self._auth: tuple[str, SecretStr] | None = None
         self._ssl: ssl.SSLContext | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        self._closed = False
-        self._failure: BaseException | None = None
         self._rejected_statuses: set[int] = set()
-        self.undelivered = 0
         #: False from a failed round until the next successful one
         self.reachable = False
 
     # ---- public interface -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Read the auth token and TLS files, then start the sender (it never waits for the server).
-
-        Raises:
-            SinkError: unreadable token or TLS files, or the sink was started before.
-        """
-        if self._runner is not None or self._closed:
-            raise SinkError(f"sink[{self.name}] was already started")
+    def _prepare(self) -> None:
+        """Read the auth token and TLS files (``start()``: a bad setting fails there)."""
         try:
             if self.config.auth is not None:
                 self._auth = (self.config.auth.header, self.config.auth.header_value())
@@ -209,85 +202,26 @@ class HttpSink(SinkContextMixin):
                 self._ssl = self.config.tls.context()
         except (OSError, ValueError) as exc:
             raise SinkError(f"sink[{self.name}]: bad settings: {exc}") from exc
-        self._runner = asyncio.create_task(self._run_guarded(), name=f"sink[{self.name}].sender")
 
-    @property
-    def failure(self) -> BaseException | None:
-        """The error that stopped the sender for good (a bug), else None."""
-        return self._failure
+    def _describe_target(self) -> str:
+        return describe_url(self.config.url)
 
     async def publish_result(self, result: FrameResult) -> None:
         """Queue one result (returns at once; the server may be down)."""
-        self._enqueue(self.config.url, result.to_json(), "result", result.source_id)
+        self._enqueue_post(self.config.url, result.to_json(), "result", result.source_id)
 
     async def publish_error(self, report: ErrorReport) -> None:
         """Queue one error report (unless ``send_errors`` is off)."""
         if self.config.send_errors:
-            self._enqueue(self._error_url, report.to_json(), "error", report.source_id)
+            self._enqueue_post(self._error_url, report.to_json(), "error", report.source_id)
         else:
             self._check_accepting()
 
-    async def flush(self) -> None:
-        """Nothing to do: the sender drains the outbox continuously."""
-
-    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> int:  # noqa: ASYNC109
-        """Deliver the outbox within about ``timeout`` s, then stop.
-
-        Returns:
-            The number of messages not delivered (counted as ``shutdown_undelivered``).
-        """
-        if self._closed:
-            return self.undelivered
-        self._closed = True
-        self._stopping.set()
-        self.outbox.changed.set()
-        runner = self._runner
-        if runner is not None:
-            await asyncio.wait({runner}, timeout=timeout)
-            while not runner.done():
-                runner.cancel()
-                await asyncio.wait({runner}, timeout=0.2)
-            if not runner.cancelled():
-                runner.exception()  # retrieved: _run_guarded logged it
-        self.undelivered = self.outbox.discard_undelivered()
-        if self.undelivered:
-            log.warning(
-                "sink[%s]: closed with %d messages not delivered to %s",
-                self.name,
-                self.undelivered,
-                describe_url(self.config.url),
-            )
-        return self.undelivered
-
-    # ---- accepting messages -----------------------------------------------------------------------
-
-    def _check_accepting(self) -> None:
-        if self._closed:
-            raise SinkError(f"sink[{self.name}] is closed")
-        if self._failure is not None:
-            raise SinkError(f"sink[{self.name}] failed: {self._failure!r}") from self._failure
-
-    def _enqueue(self, url: str, payload: bytes, kind: str, source: str) -> None:
-        self._check_accepting()
-        if len(payload) > self.config.max_payload_bytes:
-            self.telemetry.publish_error("payload_too_large")
-            self.telemetry.result_lost(source, "payload_too_large")
-            raise SinkError(
-                f"sink[{self.name}]: {kind} of source {source!r} is {len(payload)} bytes, "
-                f"over max_payload_bytes={self.config.max_payload_bytes}"
-            )
+    def _enqueue_post(self, url: str, payload: bytes, kind: str, source: str) -> None:
         # the outbox's "topic" is the URL; qos/retain mean nothing here
-        self.outbox.put(OutgoingMessage(url, payload, 1, False, kind, source))
+        self._enqueue(OutgoingMessage(url, payload, 1, False, kind, source))
 
     # ---- sending ----------------------------------------------------------------------------------
-
-    async def _run_guarded(self) -> None:
-        try:
-            await self._run()
-        except Exception as exc:
-            self._failure = exc
-            log.exception("sink[%s]: sender stopped for good; results are no longer accepted", self.name)
-            raise
 
     def _session(self) -> aiohttp.ClientSession:
         headers = {"Content-Type": "application/json", "User-Agent": f"segstream/{__version__}"}

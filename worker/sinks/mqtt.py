@@ -53,8 +53,9 @@ from worker.ids import client_id_for, make_worker_id
 from worker.messages import ErrorReport, FrameResult
 from worker.mqtt import BrokerConfig, make_client
 from worker.retry import Backoff
-from worker.sinks.base import DEFAULT_CLOSE_TIMEOUT_S, SinkContextMixin, TopicTemplate
-from worker.sinks.outbox import Outbox, OutgoingMessage
+from worker.sinks.base import TopicTemplate
+from worker.sinks.outbox import OutgoingMessage
+from worker.sinks.outbox_sink import OutboxSink
 from worker.telemetry import NullTelemetry, Telemetry
 
 __all__ = ["MqttSink", "MqttSinkConfig"]
@@ -107,7 +108,7 @@ class MqttSinkConfig(BaseModel):
         return value
 
 
-class MqttSink(SinkContextMixin):
+class MqttSink(OutboxSink):
     """Publish results and error reports to an MQTT broker (see the module docstring for guarantees).
 
     Args:
@@ -130,11 +131,16 @@ class MqttSink(SinkContextMixin):
         worker_id: str | None = None,
         backoff: Backoff | None = None,
     ) -> None:
+        super().__init__(
+            name=config.name,
+            telemetry=telemetry or NullTelemetry(),
+            outbox_size=config.outbox_size,
+            max_payload_bytes=config.max_payload_bytes,
+            runner_role="publisher",
+        )
         self.config = config
-        self.name = config.name
         self.pipeline = pipeline
         self.broker = broker
-        self.telemetry: Telemetry = telemetry or NullTelemetry()
         self.worker_id = worker_id or make_worker_id(pipeline, prefix=broker.client_id)
         self.client_id = client_id_for(self.worker_id, "sink", config.name)
         self._backoff = backoff or Backoff(broker.reconnect_min_s, broker.reconnect_max_s)
@@ -143,14 +149,8 @@ class MqttSink(SinkContextMixin):
         self.status_topic = TopicTemplate(config.status_topic, STATUS_FIELDS).format(
             pipeline=pipeline, worker=self.worker_id
         )
-        self.outbox = Outbox(config.outbox_size, self.telemetry, name=config.name)
-        self._runner: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         self._online = asyncio.Event()
-        self._closed = False
-        self._failure: BaseException | None = None
         self._inflight: set[int] = set()  # sequence numbers sent on the current connection, unacknowledged
-        self.undelivered = 0
 
     # ---- public interface -------------------------------------------------------------------------
 
@@ -173,27 +173,17 @@ class MqttSink(SinkContextMixin):
             return False
         return True
 
-    async def start(self) -> None:
-        """Check the broker settings (password file, TLS files) and start the connection loop.
-
-        Raises:
-            SinkError: the client cannot be built from the settings, or the sink was started before.
-        """
-        if self._runner is not None or self._closed:
-            raise SinkError(f"sink[{self.name}] was already started")
-        # fail at start-up on unreadable secrets / TLS files, not later in the loop
+    def _prepare(self) -> None:
+        """Check the broker settings (password file, TLS files): ``start()`` fails on unreadable ones."""
         try:
             self.broker.resolved_password()
             if self.broker.tls is not None:
                 self.broker.tls.context()
         except (OSError, ValueError) as exc:
             raise SinkError(f"sink[{self.name}]: bad broker settings: {exc}") from exc
-        self._runner = asyncio.create_task(self._run_guarded(), name=f"sink[{self.name}].publisher")
 
-    @property
-    def failure(self) -> BaseException | None:
-        """The error that stopped the publisher for good (a bug or unusable settings), else None."""
-        return self._failure
+    def _describe_target(self) -> str:
+        return self.broker.describe()
 
     #: ``publish_*`` take ``on_delivered`` (called when the broker acknowledged the message)
     confirms_delivery = True
@@ -205,7 +195,7 @@ class MqttSink(SinkContextMixin):
         is called once the broker acknowledged it."""
         self._check_accepting()
         topic = self._topic.format(pipeline=self.pipeline, source=result.source_id, step=result.step)
-        self._enqueue(topic, result.to_json(), "result", result.source_id, on_delivered)
+        self._enqueue_publish(topic, result.to_json(), "result", result.source_id, on_delivered)
 
     async def publish_error(
         self, report: ErrorReport, on_delivered: Callable[[], None] | None = None
@@ -213,66 +203,17 @@ class MqttSink(SinkContextMixin):
         """Queue one error report for ``error_topic`` (``on_delivered`` as for results)."""
         self._check_accepting()
         topic = self._error_topic.format(pipeline=self.pipeline, source=report.source_id)
-        self._enqueue(topic, report.to_json(), "error", report.source_id, on_delivered)
+        self._enqueue_publish(topic, report.to_json(), "error", report.source_id, on_delivered)
 
-    async def flush(self) -> None:
-        """Nothing to do: the publisher drains the outbox continuously."""
-
-    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> int:  # noqa: ASYNC109
-        """Deliver the outbox (waiting for acknowledgements), publish ``offline``, disconnect.
-
-        Returns within about ``timeout`` seconds even when the broker is down; what could not be
-        delivered is logged and counted as ``result_lost(source, "shutdown_undelivered")``.
-
-        Returns:
-            The number of messages not delivered.
-        """
-        if self._closed:
-            return self.undelivered
-        self._closed = True
-        self._stopping.set()
-        self.outbox.changed.set()
-        runner = self._runner
-        if runner is not None:
-            await asyncio.wait({runner}, timeout=timeout)
-            while not runner.done():  # each cancel interrupts whatever the runner awaits now
-                runner.cancel()
-                await asyncio.wait({runner}, timeout=0.2)
-            if not runner.cancelled():
-                runner.exception()  # retrieved: _run_guarded already logged it
-        self.undelivered = self.outbox.discard_undelivered()
-        if self.undelivered:
-            log.warning(
-                "sink[%s]: closed with %d messages not delivered to %s",
-                self.name,
-                self.undelivered,
-                self.broker.describe(),
-            )
+    def _on_closed(self) -> None:
         self._online.clear()
         self.telemetry.broker_connected(False)
-        return self.undelivered
 
-    # ---- accepting messages -----------------------------------------------------------------------
-
-    def _check_accepting(self) -> None:
-        if self._closed:
-            raise SinkError(f"sink[{self.name}] is closed")
-        if self._failure is not None:
-            raise SinkError(f"sink[{self.name}] failed: {self._failure!r}") from self._failure
-
-    def _enqueue(
+    def _enqueue_publish(
         self, topic: str, payload: bytes, kind: str, source: str, on_delivered: Callable[[], None] | None
     ) -> None:
-        if len(payload) > self.config.max_payload_bytes:
-            self.telemetry.publish_error("payload_too_large")
-            self.telemetry.result_lost(source, "payload_too_large")
-            raise SinkError(
-                f"sink[{self.name}]: {kind} of source {source!r} is {len(payload)} bytes, "
-                f"over max_payload_bytes={self.config.max_payload_bytes}"
-            )
-        self.outbox.put(
-            OutgoingMessage(topic, payload, self.config.qos, self.config.retain, kind, source, on_delivered)
-        )
+        qos, retain = self.config.qos, self.config.retain
+        self._enqueue(OutgoingMessage(topic, payload, qos, retain, kind, source, on_delivered))
 
     # ---- connection loop --------------------------------------------------------------------------
 
@@ -299,14 +240,8 @@ class MqttSink(SinkContextMixin):
         client.pending_calls_threshold = self.config.max_inflight + 1
         return client
 
-    async def _run_guarded(self) -> None:
-        try:
-            await self._run()
-        except Exception as exc:
-            self._failure = exc
-            self._set_online(False)
-            log.exception("sink[%s]: publisher stopped for good; results are no longer accepted", self.name)
-            raise
+    def _on_failure(self) -> None:
+        self._set_online(False)
 
     async def _run(self) -> None:
         """Connect, publish until told to stop, reconnect with backoff after any broker error."""
