@@ -68,6 +68,16 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self._next = 0  # index of the queue served first in the next round
         self._gathering: list[Frame] = []  # the batch ``next_batch`` is filling now
+        self._paused: set[str] = set()  # sources not taken from (their frames wait for a server)
+
+    def pause(self, source_id: str) -> None:
+        """Take no frames of ``source_id`` until :meth:`resume`: its queue fills, its reader waits."""
+        self._paused.add(source_id)
+
+    def resume(self, source_id: str) -> None:
+        """Take ``source_id``'s frames again (wakes a waiting ``next_batch``)."""
+        self._paused.discard(source_id)
+        self._ready.set()
 
     @property
     def gathering(self) -> list[Frame]:
@@ -88,6 +98,8 @@ class Batcher:
             took_any = False
             for offset in range(count):
                 index = (self._next + offset) % count
+                if self._queues[index].source_id in self._paused:
+                    continue
                 frame = self._queues[index].get_nowait()
                 if frame is None:
                     continue

@@ -5,20 +5,34 @@ leave strictly in the order the batches were cut. Two tasks in one ``TaskGroup``
 ``deliver``), so a failure of either ends both and ``run`` raises it: the caller (the supervisor)
 treats that as a failed stage. Frames taken from the queues but never handed on stay listed in
 ``unanswered()``, so the shutdown can report them instead of losing them silently.
+
+Frames of held (``every_frame``) sources whose inference server failed come back with
+:class:`~worker.models.remote.hold.HeldForServer`: they are parked here, per source and in order,
+not in the model pool; the source is paused in the batcher (its bounded queue fills and pushes back
+on its reader) until its parked frames are through. A third task waits for the server's breaker to
+close (in a thread of its own, not the model pool) and runs the parked frames again; if the server
+fails again they stay parked. Other sources' batches keep flowing meanwhile. Later frames of a
+source that has parked frames are parked behind them, so each source's results leave in order. When
+the model is closed (``release_remote`` at exit) the parked frames are handed on with the failure's
+reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from worker.batching import Batcher
 from worker.concurrency import BlockingPool
 from worker.frame import Frame
-from worker.step.executor import BatchResult
+from worker.models.remote.hold import HeldForServer
+from worker.step.executor import BatchResult, FrameOutcome
 
 __all__ = ["InferenceLoop"]
+
+log = logging.getLogger(__name__)
 
 
 class InferenceLoop:
@@ -55,10 +69,21 @@ class InferenceLoop:
         self._on_progress = on_progress
         self._running: asyncio.Queue[asyncio.Future[BatchResult] | None] = asyncio.Queue(inflight)
         self._taken: deque[list[Frame]] = deque()  # batches taken and not yet delivered, in order
+        # per source, in order: outcomes waiting for a server (held) and the later ones behind them
+        self._parked: dict[str, deque[FrameOutcome]] = {}
+        self._parked_changed = asyncio.Event()
+        self._delivering = asyncio.Lock()  # the in-order task and the parked task take turns
+        self._gather_done = False
+
+    @property
+    def parked(self) -> int:
+        """Frames parked for an unavailable server (held sources), all sources together."""
+        return sum(len(outcomes) for outcomes in self._parked.values())
 
     def unanswered(self) -> list[Frame]:
         """Frames taken from the queues whose batch was not handed on (after a failure)."""
-        return [frame for batch in self._taken for frame in batch] + self._batcher.gathering
+        parked = [o.frame for outcomes in self._parked.values() for o in outcomes]
+        return [frame for batch in self._taken for frame in batch] + self._batcher.gathering + parked
 
     async def run(self) -> None:
         """Until the batcher is exhausted and every batch was delivered; raises what failed."""
@@ -66,6 +91,7 @@ class InferenceLoop:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._gather(), name="inference.gather")
                 group.create_task(self._deliver_in_order(), name="inference.deliver")
+                group.create_task(self._run_parked(), name="inference.parked")
         except BaseExceptionGroup as group_error:
             # one stage failure, not a group: the first error is the cause, the rest are its echoes
             raise group_error.exceptions[0] from None
@@ -94,5 +120,103 @@ class InferenceLoop:
         while (future := await self._running.get()) is not None:
             result = await future
             self._on_progress()
-            await self._deliver(result)
+            ready = self._park(result.outcomes)
+            if ready:
+                async with self._delivering:
+                    await self._deliver(self._with(result, ready))
             self._taken.popleft()
+        self._gather_done = True
+        self._parked_changed.set()
+
+    def _park(self, outcomes: list[FrameOutcome]) -> list[FrameOutcome]:
+        """Park held outcomes (and any behind parked ones of their source); the rest, to deliver."""
+        ready: list[FrameOutcome] = []
+        for outcome in outcomes:
+            source = outcome.frame.source_id
+            if isinstance(outcome.error, HeldForServer) or source in self._parked:
+                if source not in self._parked:
+                    self._parked[source] = deque()
+                    self._batcher.pause(source)
+                    log.warning(
+                        "source %s: frames parked until the inference server is back (%s)",
+                        source,
+                        outcome.error,
+                    )
+                self._parked[source].append(outcome)
+                self._parked_changed.set()
+            else:
+                ready.append(outcome)
+        return ready
+
+    @staticmethod
+    def _with(result: BatchResult, outcomes: list[FrameOutcome]) -> BatchResult:
+        if len(outcomes) == len(result.outcomes):
+            return result
+        return BatchResult(outcomes, result.model_seconds, result.postprocess_seconds)
+
+    async def _run_parked(self) -> None:
+        """Run parked frames again once their server is back; hand them on in each source's order."""
+        while True:
+            self._parked_changed.clear()
+            if not self._parked:
+                if self._gather_done:
+                    return
+                await self._parked_changed.wait()
+                continue
+            held = next(
+                o.error
+                for outcomes in self._parked.values()
+                for o in outcomes
+                if isinstance(o.error, HeldForServer)
+            )
+            model = held.model
+            # a thread of the default executor, not the model pool: other batches keep running
+            available = await asyncio.to_thread(model.wait_available, 1.0)
+            if model.closed:
+                await self._give_up()
+                continue
+            if available:
+                await self._retry_parked()
+
+    async def _retry_parked(self) -> None:
+        """One pass over the parked frames that need the server: run, then hand on what is through."""
+        waiting = [
+            (source, i)
+            for source, outcomes in self._parked.items()
+            for i, o in enumerate(outcomes)
+            if isinstance(o.error, HeldForServer)
+        ]
+        size = self._batcher.max_batch_size
+        for start in range(0, len(waiting), size):
+            chunk = waiting[start : start + size]
+            frames = [self._parked[source][i].frame for source, i in chunk]
+            self._on_progress()
+            result = await self._pool.run(self._run_batch, frames)
+            for (source, i), outcome in zip(chunk, result.outcomes, strict=True):
+                self._parked[source][i] = outcome
+            await self._release(result)
+            if any(isinstance(o.error, HeldForServer) for o in result.outcomes):
+                await asyncio.sleep(0.05)  # the server is back but failing: do not spin on it
+                return
+
+    async def _release(self, timing: BatchResult) -> None:
+        """Hand on each source's leading parked outcomes that are through; resume emptied sources."""
+        ready: list[FrameOutcome] = []
+        for source in list(self._parked):
+            outcomes = self._parked[source]
+            while outcomes and not isinstance(outcomes[0].error, HeldForServer):
+                ready.append(outcomes.popleft())
+            if not outcomes:
+                del self._parked[source]
+                self._batcher.resume(source)
+        if ready:
+            async with self._delivering:
+                await self._deliver(BatchResult(ready, timing.model_seconds, timing.postprocess_seconds))
+
+    async def _give_up(self) -> None:
+        """The model was closed (exit): parked frames end with their server failure's reason."""
+        for outcomes in self._parked.values():
+            for outcome in outcomes:
+                if isinstance(outcome.error, HeldForServer) and outcome.error.model.closed:
+                    outcome.error = outcome.error.given_up()
+        await self._release(BatchResult([], 0.0, 0.0))

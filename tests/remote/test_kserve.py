@@ -32,6 +32,7 @@ from worker.models.config import OnnxRuntimeConfig, RemoteModelConfig
 from worker.models.evaluation import iter_frames
 from worker.models.registry import BUNDLED_MODELS_DIR, ModelRegistry, load_backend
 from worker.models.remote import bind_remote
+from worker.models.remote.hold import HeldForServer
 from worker.models.remote.kserve import KServeV2Backend
 from worker.step.detections import Detections
 from worker.step.executor import WorkflowRunner
@@ -202,24 +203,19 @@ def test_server_killed_mid_stream_live_frames_fail_held_frames_come_out_once_it_
         assert [o.error.reason if o.error else None for o in live] == ["server_unavailable"] * 2
         assert health.wait_for(False)  # readiness follows the server
 
-        held_result: list[Any] = []
-        held = threading.Thread(
-            target=lambda: held_result.append(
-                runner.run_batch(_frames("cam", 1, start=9) + _frames("line", 4, start=1))
-            )
-        )
-        held.start()
-        # the held batch waits through failed probes: still waiting while the server is down
-        assert not health.wait_for(True, timeout=1.0)
-        assert held.is_alive()
+        # the batch returns at once (no model thread waits): held frames are marked for the loop
+        mixed = runner.run_batch(_frames("cam", 1, start=9) + _frames("line", 4, start=1)).outcomes
+        assert mixed[0].error is not None and type(mixed[0].error) is not HeldForServer
+        assert mixed[0].error.reason == "server_unavailable"
+        held = [o.error for o in mixed[1:]]
+        assert all(isinstance(e, HeldForServer) and e.reason == "server_unavailable" for e in held)
+        assert all(isinstance(e, HeldForServer) and e.model is model for e in held)
 
         server.restart()
-        held.join(180)
-        assert not held.is_alive()
-        outcomes = held_result[0].outcomes
-        assert outcomes[0].error is not None and outcomes[0].error.reason == "server_unavailable"
-        assert [o.error for o in outcomes[1:]] == [None] * 4  # every held frame came out
-        assert [o.frame.frame_number for o in outcomes[1:]] == [1, 2, 3, 4]
+        assert model.wait_available(180)  # what the inference loop waits on before running them again
+        again = runner.run_batch([o.frame for o in mixed[1:]]).outcomes
+        assert [o.error for o in again] == [None] * 4  # every held frame came out
+        assert [o.frame.frame_number for o in again] == [1, 2, 3, 4]
         assert health.wait_for(True)
         after = runner.run_batch(_frames("cam", 2, start=10)).outcomes
         assert all(o.error is None for o in after)

@@ -203,3 +203,92 @@ def test_sigterm_while_frames_wait_for_a_dead_server_exits_after_the_grace_time(
     log_text = (tmp_path / "worker.log").read_text()
     assert code == EXIT_UNDELIVERED, log_text[-3000:]  # the held frame never finished
     assert "inference_error=1" in log_text, log_text[-3000:]  # and was answered with an error report
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """One sample of the Prometheus text ``text`` (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and line.split("}")[0] == f"{name}{{{want}":
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_server_outage_parks_every_frame_frames_without_stalling_a_live_source(
+    fresh_triton: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Whole worker, one model thread, Triton killed mid-stream and restarted.
+
+    ``belt`` (every_frame) is parked out of the model pool while the server is down; the live ``cam``
+    keeps flowing meanwhile (its frames are dropped and counted as ``server_unavailable``: progress,
+    not a stall); after the restart every belt frame's result comes out exactly once and cam gets
+    results again.
+    """
+    server = fresh_triton()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    count = 20
+    for i, image in enumerate(iter_frames(CLIP, every=10, limit=count)):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), image)
+    port = free_port()
+    out = tmp_path / "out.jsonl"
+    pipeline = yaml.safe_load((REPO / "pipelines" / "remote-kserve.yaml").read_text())
+    pipeline["sources"] = [
+        {"type": "images", "id": "belt", "path": str(frames), "fps": 4, "queue_size": 2},  # every_frame
+        {"type": "images", "id": "cam", "path": str(frames), "fps": 8, "loop": True, "policy": "latest"},
+    ]
+    pipeline["inference_threads"] = 1  # a frame waiting inside the model pool would stall cam
+    pipeline["sinks"] = [{"type": "jsonl", "path": str(out)}]
+    pipeline["http"] = {"host": "127.0.0.1", "port": port}
+    pipeline["model"] |= {"url": server.url, "timeout_s": 30, "breaker_failures": 1}
+    pipeline["model"]["probe_interval_s"] = [0.1, 0.5]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    log_path = tmp_path / "worker.log"
+    environment = os.environ | {"PYTHONPATH": str(REPO)}
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run", str(path)],
+            cwd=tmp_path,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+    def lines() -> list[dict[str, Any]]:
+        if not out.exists():
+            return []
+        return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+    def results(source: str) -> list[dict[str, Any]]:
+        return [line for line in lines() if line.get("source") == source and line.get("kind") == "result"]
+
+    def cam_dropped() -> float:
+        text = _get(f"http://127.0.0.1:{port}/metrics")[1]
+        return _metric(text, "segstream_frames_dropped_total", source="cam", reason="server_unavailable")
+
+    try:
+        _poll(lambda: len(results("belt")) >= 3 and len(results("cam")) >= 1, "the first results")
+        server.kill()  # SIGKILL, mid-stream
+        _poll(lambda: "source belt: frames parked" in log_path.read_text(), "belt's frames to be parked")
+        before = cam_dropped()
+        _poll(lambda: cam_dropped() >= before + 5, "cam to go on while belt waits for the server")
+        assert worker.poll() is None
+        belt_during = len(results("belt"))
+        server.restart()
+        _poll(lambda: len(results("belt")) >= count, "every belt frame after the restart", timeout=300)
+        cam_after = len(results("cam"))
+        _poll(lambda: len(results("cam")) > cam_after, "cam's results after the restart")
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(30)
+    assert code == 0, log_path.read_text()[-3000:]
+    assert belt_during < count  # the outage did hold belt back
+    numbers = [line["frame_number"] for line in results("belt")]
+    assert sorted(numbers) == list(range(count))  # every frame, exactly once
+    assert numbers == sorted(numbers)  # and in the source's order
+    belt_errors = [line for line in lines() if line.get("source") == "belt" and line.get("kind") != "result"]
+    assert belt_errors == []  # belt's frames were held, never dropped

@@ -1,14 +1,16 @@
-"""What the step does with a batch when its inference server fails: drop live frames, hold the rest.
+"""What happens to a batch when its inference server fails: drop live frames, park the rest.
 
 A server failure (:class:`~worker.models.remote.client.RemoteError`: unreachable, breaker open,
 timeout, 5xx) is not the frames' fault, so the batch is not split into per-frame retries. Frames of
 *live* sources fail at once with the error's reason (``server_unavailable``, ``remote_timeout``,
 ...): the runtime counts them in ``segstream_frames_dropped_total{reason}`` and publishes an error
-report, so none is lost silently. Frames of *held* sources (``every_frame``) wait in the model
-thread until the server is back (the breaker closes) and are then sent again: the model pool stops
-taking batches, the batcher stops, and those sources' bounded queues push back on their readers.
-Held frames are given up only when the backend is closed (the worker does at exit, after its shutdown
-grace time: ``worker.models.remote.release_remote``), with the error's reason.
+report, so none is lost silently. Frames of *held* sources (``every_frame``) fail with
+:class:`HeldForServer`, which carries the model to wait on; the inference loop
+(``worker.inference``) parks them per source, out of the model pool, pauses those sources in the
+batcher (their bounded queues push back on their readers) and runs them again once the server's
+breaker closes. Batches of other sources and models keep flowing meanwhile. Parked frames are given
+up when the backend is closed (the worker does at exit, after its shutdown grace time:
+``worker.models.remote.release_remote``), with the error's reason.
 
 A local backend never raises ``RemoteError``: for it this is one ``infer`` call.
 """
@@ -16,7 +18,6 @@ A local backend never raises ``RemoteError``: for it this is one ``infer`` call.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -24,21 +25,17 @@ from worker.errors import SegstreamError
 from worker.frame import Frame
 from worker.models.backend import RawSegmentation, SegmentationBackend
 from worker.models.remote.client import RemoteError
-from worker.sources.base import Backoff
 
 if TYPE_CHECKING:
     from worker.models.remote.step_backend import RemoteStepBackend
     from worker.step.detections import Detections
     from worker.step.parameters import ResolvedStepParameters
 
-__all__ = ["HoldsForServer", "detect_holding", "infer_holding"]
+__all__ = ["HeldForServer", "HoldsForServer", "detect_holding", "infer_holding"]
 
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
-
-#: how often a held batch re-checks the breaker (it also wakes at once when the breaker closes)
-_WAIT_SLICE_S = 1.0
 
 
 @runtime_checkable
@@ -58,7 +55,7 @@ class HoldsForServer(Protocol):
 def infer_holding(
     model: SegmentationBackend, frames: Sequence[Frame], held_sources: Collection[str]
 ) -> list[RawSegmentation | SegstreamError]:
-    """``model.infer`` on the frames; on a server failure, live frames fail and held ones wait.
+    """``model.infer`` on the frames; on a server failure, live frames fail, held ones are marked.
 
     Raises:
         ModelError, ValueError: what ``infer`` raises for anything but a server failure.
@@ -100,33 +97,31 @@ def _holding(
     held_sources: Collection[str],
     run: Callable[[Sequence[int]], list[_T]],
 ) -> list[_T | SegstreamError]:
-    everything = list(range(len(frames)))
     try:
-        return list(run(everything))
+        return list(run(list(range(len(frames)))))
     except RemoteError as exc:
         failure = exc
-    results: list[_T | SegstreamError] = [_copy(failure, model) for _ in frames]
-    pending = [i for i, frame in enumerate(frames) if frame.source_id in held_sources]
-    if not pending or not isinstance(model, HoldsForServer):
-        return results
-    log.warning("%d frame(s) of held sources wait for the inference server: %s", len(pending), failure)
-    backoff = Backoff(0.05, 2.0)
-    # the worker closes remote models when its shutdown grace time is over (release_remote)
-    while not model.closed:
-        if not model.wait_available(_WAIT_SLICE_S):
-            continue
-        try:
-            outputs = run(pending)
-        except RemoteError as exc:
-            failure = exc
-            time.sleep(backoff.next_delay())  # the server is back but failing: do not spin on it
-            continue
-        for i, output in zip(pending, outputs, strict=True):
-            results[i] = output
-        return results
-    for i in pending:
-        results[i] = _copy(failure, model)
-    return results
+    holds = isinstance(model, HoldsForServer) and not model.closed
+    return [
+        HeldForServer(failure, model) if holds and frame.source_id in held_sources else _copy(failure, model)
+        for frame in frames
+    ]
+
+
+class HeldForServer(RemoteError):
+    """A held source's frame failed because its server did: it waits for ``model``, then runs again.
+
+    Its ``reason`` is the server failure's (what the frame is given up with at exit).
+    """
+
+    def __init__(self, failure: RemoteError, model: HoldsForServer) -> None:
+        super().__init__(str(failure), model_id=getattr(model, "model_id", None))
+        self.reason = failure.reason
+        self.model = model
+
+    def given_up(self) -> RemoteError:
+        """The plain error the frame ends with when its server never came back."""
+        return _copy(self, self.model)
 
 
 def _copy(exc: RemoteError, model: Any) -> RemoteError:
