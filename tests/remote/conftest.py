@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,10 +30,11 @@ DEMO = BUNDLED_MODELS_DIR / "factory-parts" / "1"
 class ThreadedApp:
     """An aiohttp application served on 127.0.0.1 from its own thread and loop (the client blocks)."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
+        self._ssl = ssl_context
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner = web.AppRunner(app)
@@ -42,7 +44,7 @@ class ThreadedApp:
 
         async def start() -> None:
             await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl).start()
 
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
         return self

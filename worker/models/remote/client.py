@@ -11,7 +11,8 @@ Failures:
 - **retried** (idempotent: the server did not take the request): connection refused or reset,
   the server closing the connection before answering, HTTP 502/503/504; up to ``retries`` times with
   backoff (``worker.sources.base.Backoff``, full jitter);
-- **not retried**: a timeout (the server may still be working on it: retrying doubles its load), any
+- **not retried**: a TLS failure (untrusted certificate, wrong host name, refused client
+  certificate), a timeout (the server may still be working on it: retrying doubles its load), any
   other HTTP error (4xx: our request is wrong; 500: the model failed on it);
 - **circuit breaker**: ``breaker_failures`` consecutive failed calls (after their retries) open it.
   While open every call fails at once with :class:`ServerUnavailableError` (no request is sent) and
@@ -340,6 +341,11 @@ class RemoteClient:
                 raise RemoteTimeoutError(
                     f"{self.server}{path}: no answer within {self.config.timeout_s} s"
                 ) from None
+            except aiohttp.ClientSSLError as exc:
+                # not transient (a certificate the client does not trust, the wrong host name, a
+                # client certificate the server refuses): not retried, said plainly at start-up
+                self._count_error("tls")
+                raise RemoteError(f"{self.server}{path}: TLS failed: {exc}") from None
             except (aiohttp.ClientConnectionError, OSError) as exc:
                 self._count_error("connection")
                 raise ServerUnavailableError(f"{self.server}{path}: {type(exc).__name__}: {exc}") from None
