@@ -177,3 +177,21 @@ async def test_arguments_are_checked(
     queue = FrameQueue("a", 1, "latest", ready=ready if shared else asyncio.Event())
     with expectation:
         Batcher([queue], ready, max_batch_size=size, max_wait_ms=wait)
+
+
+async def test_a_paused_source_is_not_taken_from_its_queue_fills_and_resume_wakes_the_batcher() -> None:
+    ready, (a, b) = make_queues("a", "b", maxsize=2)
+    batcher = Batcher([a, b], ready, max_batch_size=4, max_wait_ms=0)
+    batcher.pause("a")  # a's frames wait for its server (the inference loop parks them)
+    for n in range(2):
+        await a.put(frame("a", n))
+        await b.put(frame("b", n))
+    assert ids(await batcher.next_batch()) == ["b:0", "b:1"]
+    blocked = asyncio.create_task(a.put(frame("a", 2)))  # a's queue is full: its reader waits
+    waiting = asyncio.create_task(batcher.next_batch())
+    await settle()
+    assert not blocked.done() and not waiting.done()
+    batcher.resume("a")
+    assert ids(await waiting) == ["a:0", "a:1"]
+    await blocked
+    assert ids(await batcher.next_batch()) == ["a:2"]
