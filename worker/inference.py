@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from worker.batching import Batcher
 from worker.concurrency import BlockingPool
 from worker.frame import Frame
-from worker.models.remote.hold import HeldForServer
+from worker.models.remote.hold import HeldForServer, HoldsForServer
 from worker.step.executor import BatchResult, FrameOutcome
 
 __all__ = ["InferenceLoop"]
@@ -163,30 +163,37 @@ class InferenceLoop:
                     return
                 await self._parked_changed.wait()
                 continue
-            held = next(
-                o.error
-                for outcomes in self._parked.values()
-                for o in outcomes
-                if isinstance(o.error, HeldForServer)
+            models = list(
+                {
+                    id(o.error.model): o.error.model
+                    for outcomes in self._parked.values()
+                    for o in outcomes
+                    if isinstance(o.error, HeldForServer)
+                }.values()
             )
-            model = held.model
-            # a thread of the default executor, not the model pool: other batches keep running
-            available = await asyncio.to_thread(model.wait_available, 1.0)
-            if model.closed:
+            if any(model.closed for model in models):
                 await self._give_up()
                 continue
-            if available:
-                await self._retry_parked()
+            back = [model for model in models if model.wait_available(0)]  # does not block
+            for model in back:  # each server on its own: one that is down does not hold the others
+                await self._retry_parked(model)
+            if not back:
+                # a thread of the default executor, not the model pool: other batches keep running
+                await asyncio.to_thread(models[0].wait_available, 1.0)
 
-    async def _retry_parked(self) -> None:
-        """One pass over the parked frames that need the server: run, then hand on what is through."""
+    async def _retry_parked(self, model: HoldsForServer) -> None:
+        """One pass over the frames parked for ``model``: run them, hand on what is through."""
         waiting = [
             (source, i)
             for source, outcomes in self._parked.items()
             for i, o in enumerate(outcomes)
-            if isinstance(o.error, HeldForServer)
+            if isinstance(o.error, HeldForServer) and o.error.model is model
         ]
         size = self._batcher.max_batch_size
+        timing = BatchResult([], 0.0, 0.0)
+        failing = False
+        # indices stay valid: the in-order task only appends to the deques, and nothing is released
+        # (popped from the left) before the pass is over
         for start in range(0, len(waiting), size):
             chunk = waiting[start : start + size]
             frames = [self._parked[source][i].frame for source, i in chunk]
@@ -194,10 +201,14 @@ class InferenceLoop:
             result = await self._pool.run(self._run_batch, frames)
             for (source, i), outcome in zip(chunk, result.outcomes, strict=True):
                 self._parked[source][i] = outcome
-            await self._release(result)
+            timing = BatchResult([], timing.model_seconds + result.model_seconds,
+                                 timing.postprocess_seconds + result.postprocess_seconds)  # fmt: skip
             if any(isinstance(o.error, HeldForServer) for o in result.outcomes):
-                await asyncio.sleep(0.05)  # the server is back but failing: do not spin on it
-                return
+                failing = True  # the server is back but failing again: the rest stays parked
+                break
+        await self._release(timing)
+        if failing:
+            await asyncio.sleep(0.05)  # do not spin on a failing server
 
     async def _release(self, timing: BatchResult) -> None:
         """Hand on each source's leading parked outcomes that are through; resume emptied sources."""
