@@ -270,7 +270,8 @@ def test_a_server_outage_parks_every_frame_frames_without_stalling_a_live_source
     try:
         _poll(lambda: len(results("belt")) >= 3 and len(results("cam")) >= 1, "the first results")
         server.kill()  # SIGKILL, mid-stream
-        _poll(lambda: "source belt: frames parked" in log_path.read_text(), "belt's frames to be parked")
+        available = 'segstream_remote_available{server="' + server.url + '"} 0.0'
+        _poll(lambda: available in _get(f"http://127.0.0.1:{port}/metrics")[1], "the breaker to open")
         before = cam_dropped()
         _poll(lambda: cam_dropped() >= before + 5, "cam to go on while belt waits for the server")
         assert worker.poll() is None
@@ -287,6 +288,7 @@ def test_a_server_outage_parks_every_frame_frames_without_stalling_a_live_source
             worker.wait(30)
     assert code == 0, log_path.read_text()[-3000:]
     assert belt_during < count  # the outage did hold belt back
+    assert "source belt: frames parked" in log_path.read_text()
     numbers = [line["frame_number"] for line in results("belt")]
     assert sorted(numbers) == list(range(count))  # every frame, exactly once
     assert numbers == sorted(numbers)  # and in the source's order
