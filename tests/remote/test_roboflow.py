@@ -11,7 +11,6 @@ the demo clip, measured below; polygons are the RLE masks' outer contours re-fil
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from worker.models.config import OnnxRuntimeConfig, RemoteModelConfig
 from worker.models.evaluation import iter_frames
 from worker.models.registry import BUNDLED_MODELS_DIR, ModelRegistry
 from worker.models.remote import bind_remote
+from worker.models.remote.hold import HeldForServer
 from worker.models.remote.roboflow import decode_rle, rle_to_crop
 from worker.step.executor import WorkflowRunner
 from worker.step.rle import encode_crop
@@ -150,17 +150,15 @@ def test_server_killed_mid_stream_live_frames_fail_held_frames_come_out_once_it_
         live = runner.run_batch([Frame("cam", i, 0.0, image) for i in (1, 2)]).outcomes
         assert [o.error.reason if o.error else None for o in live] == ["server_unavailable"] * 2
         assert health.wait_for(False)
-        result: list[Any] = []
-        held = threading.Thread(
-            target=lambda: result.append(runner.run_batch([Frame("line", i, 0.0, image) for i in range(3)]))
-        )
-        held.start()
+        # the batch returns at once (no model thread waits): held frames are marked for the loop
+        held = runner.run_batch([Frame("line", i, 0.0, image) for i in range(3)]).outcomes
+        assert all(isinstance(o.error, HeldForServer) and o.error.model is model for o in held)
+        assert all(o.error is not None and o.error.reason == "server_unavailable" for o in held)
         assert not health.wait_for(True, timeout=1.0)
-        assert held.is_alive()
         server.restart(timeout=300.0)
-        held.join(300)
-        assert not held.is_alive()
-        assert [o.error for o in result[0].outcomes] == [None] * 3
+        assert model.wait_available(300)  # what the inference loop waits on before running them again
+        again = runner.run_batch([o.frame for o in held]).outcomes
+        assert [o.error for o in again] == [None] * 3
         assert health.wait_for(True)
     finally:
         registry.close()
